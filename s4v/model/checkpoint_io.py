@@ -1,0 +1,74 @@
+"""Native s4v model files: the model's spec plus its weights, written atomically.
+
+A file may leave out the frozen backbone (a release of the trained side network and head); it is
+then loaded together with a backbone weights file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .backbone import assign_state_dict
+from .classifier import Side4VideoClassifier
+from .factory import build_model
+from .specs import BackboneSpec, ModelSpec, SideSpec
+
+FORMAT = "s4v-model"
+VERSION = 1
+
+
+def atomic_torch_save(obj, path: str | os.PathLike) -> None:
+    """torch.save to a temp file in the same folder, fsync, then rename: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def save_model(model: Side4VideoClassifier, path: str | os.PathLike, include_backbone: bool = False) -> None:
+    sd = {k: v.detach().cpu() for k, v in model.state_dict().items()
+          if include_backbone or not k.startswith("backbone.")}
+    atomic_torch_save({
+        "format": FORMAT, "version": VERSION, "name": model.name,
+        "spec": dataclasses.asdict(model.spec), "num_classes": model.num_classes,
+        "num_frames": model.num_frames, "includes_backbone": include_backbone, "state_dict": sd,
+    }, path)
+
+
+def load_model(path: str | os.PathLike, pretrained: Optional[str | os.PathLike] = None,
+               device=None, backbone_dtype=None) -> Side4VideoClassifier:
+    """Load a native s4v model file. Without backbone weights inside, `pretrained` must name the
+    tower's weights file. Returned in eval mode."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise ValueError(f"{path} is not an s4v model file (for official Side4Video checkpoints "
+                         "use s4v.load_official / `s4v convert-official`)")
+    spec_d = ckpt["spec"]
+    spec = ModelSpec(BackboneSpec(**spec_d["backbone"]), SideSpec(**spec_d["side"]), spec_d["description"])
+    if not ckpt["includes_backbone"] and pretrained is None:
+        raise ValueError(f"{path} holds only the side network and head; pass the backbone weights file "
+                         "as pretrained=PATH")
+    model = build_model(spec, ckpt["num_classes"], ckpt["num_frames"], ckpt["name"],
+                        pretrained=pretrained if not ckpt["includes_backbone"] else None, device="meta")
+    sd = dict(ckpt["state_dict"])
+    if not ckpt["includes_backbone"]:
+        sd.update({k: v for k, v in model.state_dict().items() if k.startswith("backbone.")})
+    assign_state_dict(model, sd, source=str(path))
+    model.to(torch.device(device) if device is not None else torch.device("cpu"))
+    if backbone_dtype is not None:
+        from .backbone import resolve_dtype
+
+        model.backbone.to(resolve_dtype(backbone_dtype))
+    return model.eval()
