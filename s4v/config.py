@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
-import enum
 import os
 import tempfile
 import types
@@ -92,7 +91,7 @@ def _unknown(full: str, prefix: str, name: object, valid: Sequence[str]) -> Conf
     if match:
         return ConfigError(f"unknown config key '{full}'; did you mean '{_join(prefix, match[0])}'?")
     where = f" under '{prefix}'" if prefix else ""
-    return ConfigError(f"unknown config key '{full}'")
+    return ConfigError(f"unknown config key '{full}'; valid keys{where}: {', '.join(valid)}")
 
 
 # ----------------------------------------------------------------------------- coercion
@@ -149,14 +148,6 @@ def _coerce(tp: Any, value: Any, key: str, current: Any = None) -> Any:
         return value if isinstance(value, str) else _fail(key, tp, value)
     if isinstance(tp, type) and issubclass(tp, PurePath):
         return tp(value) if isinstance(value, (str, PurePath)) else _fail(key, tp, value)
-    if isinstance(tp, type) and issubclass(tp, enum.Enum):
-        if isinstance(value, tp):
-            return value
-        with contextlib.suppress(ValueError, KeyError, TypeError):
-            return tp(value)
-        with contextlib.suppress(KeyError, TypeError):
-            return tp[value]
-        _fail(key, tp, value, "one of " + ", ".join(repr(m.value) for m in tp))
     if tp in (list, tuple) or origin in (list, tuple, Sequence):
         if not isinstance(value, (list, tuple)):
             _fail(key, tp, value)
@@ -288,8 +279,6 @@ def _plain(value: Any) -> Any:
         return {_plain(k): _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
-    if isinstance(value, enum.Enum):
-        return value.value
     if isinstance(value, PurePath):
         return str(value)
     return value

@@ -58,13 +58,21 @@ class AuxCfg:
     weight: float = 1.0
 
 
+@dataclass(frozen=True)
+class LossCfg:
+    label_smoothing: float = 0.0
+    level: Literal[0, 1, 2] = 0
+
+
 @dataclass
 class Cfg:
     model: ModelCfg = field(default_factory=ModelCfg)
     data: DataCfg = field(default_factory=DataCfg)
     train: TrainCfg = field(default_factory=TrainCfg)
     aux: Optional[AuxCfg] = None
+    loss: LossCfg = LossCfg()  # shared (frozen) class-level default instance
     seed: int = 0
+    out_dir: Path = Path("runs")
 
 
 def write_yaml(path: Path, data: object) -> Path:
@@ -156,6 +164,14 @@ def test_float_coercion_from_string_and_int(tmp_path):
     assert all(type(x) is float for x in cfg.data.mean)
 
 
+def test_path_field_from_string_and_dumped_as_string(tmp_path):
+    cfg = load_config(Cfg, overrides=["out_dir=/tmp/exp1"])
+    assert cfg.out_dir == Path("/tmp/exp1") and isinstance(cfg.out_dir, Path)
+    assert config_to_dict(cfg)["out_dir"] == "/tmp/exp1"
+    with pytest.raises(ConfigError, match=r"^out_dir: expected Path, got 3 \(int\)$"):
+        load_config(Cfg, overrides=["out_dir=3"])
+
+
 def test_int_accepts_integral_float():
     cfg = load_config(Cfg, overrides=["model.num_frames=16.0"])
     assert cfg.model.num_frames == 16 and type(cfg.model.num_frames) is int
@@ -203,6 +219,8 @@ def test_type_error_in_yaml_names_dotted_key(tmp_path):
 
 def test_literal_accepts_choice_and_rejects_others():
     assert load_config(Cfg, overrides=["model.arch=vit_l14"]).model.arch == "vit_l14"
+    with pytest.raises(ConfigError, match=r"^loss\.level: expected one of 0, 1, 2, got True \(bool\)$"):
+        load_config(Cfg, overrides=["loss.level=true"])  # True == 1, but is not an int choice
     with pytest.raises(ConfigError) as ei:
         load_config(Cfg, overrides=["model.arch=vit_h14"])
     msg = str(ei.value)
@@ -252,15 +270,16 @@ def test_subkey_of_non_section_is_error(tmp_path):
         load_config(Cfg, p)
 
 
-@pytest.mark.parametrize("bad", ["model.num_frames", "=5", "model..name=x"])
+@pytest.mark.parametrize("bad", ["model.num_frames", "=5", " =5", "model..name=x"])
 def test_malformed_override(bad):
     with pytest.raises(ConfigError, match="invalid override"):
         load_config(Cfg, overrides=[bad])
 
 
-def test_override_without_equals_explains_form():
-    with pytest.raises(ConfigError, match="key=value"):
-        load_config(Cfg, overrides=["model.num_frames"])
+@pytest.mark.parametrize("bad", ["model.num_frames", "=5"])
+def test_override_without_key_value_form_explains_it(bad):
+    with pytest.raises(ConfigError, match="expected key=value"):
+        load_config(Cfg, overrides=[bad])
 
 
 def test_override_with_unparsable_value():
@@ -411,6 +430,11 @@ def test_class_defaults_unchanged_after_loading_twice():
     assert ModelCfg().side_dims == [320, 320] and DataCfg().extra == {}
     assert a.model.side_dims == [1] and a.data.extra == {"a": 1} and a.train.optim.lr == 0.1 and a.seed == 0
     assert b.model.side_dims == [2, 3] and b.data.extra == {"b": 2} and b.train.optim.lr == 1e-4
+    # the frozen section default is one shared instance: overriding must replace, not mutate it
+    shared = Cfg().loss
+    d = load_config(Cfg, overrides=["loss.label_smoothing=0.2", "loss.level=2"])
+    assert d.loss == LossCfg(label_smoothing=0.2, level=2)
+    assert shared == LossCfg() and Cfg().loss is shared
     c = load_config(Cfg)
     assert c == before and c.model.side_dims is not load_config(Cfg).model.side_dims
 

@@ -54,16 +54,17 @@ class TokenBatchNorm(nn.BatchNorm1d):
         flat = x.reshape(-1, shape[-1])
         compute = torch.promote_types(dtype, torch.float32)
         use_batch_stats = self.training or self.running_mean is None
-        update = self.training and self.track_running_stats and not is_recomputing()
-        if update and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
+        running_mean, running_var = self.running_mean, self.running_var
+        if self.training and self.track_running_stats:
+            if is_recomputing():  # same ops as the first forward, but the update goes to scratch copies
+                running_mean, running_var = running_mean.clone(), running_var.clone()
+            elif self.num_batches_tracked is not None:
+                self.num_batches_tracked.add_(1)
         momentum = self.momentum
         if momentum is None:  # cumulative moving average
             momentum = 1.0 / float(self.num_batches_tracked) if self.num_batches_tracked else 0.0
         out = F.batch_norm(
-            flat.to(compute),
-            self.running_mean if (update or not use_batch_stats) else None,
-            self.running_var if (update or not use_batch_stats) else None,
+            flat.to(compute), running_mean, running_var,
             None if self.weight is None else self.weight.to(compute),
             None if self.bias is None else self.bias.to(compute),
             use_batch_stats, momentum, self.eps)

@@ -129,7 +129,7 @@ def apply_overrides(spec: ModelSpec, overrides: dict) -> ModelSpec:
             valid = [f"backbone.{n}" for n in bb_fields] + [f"side.{n}" for n in side_fields] + list(aliases)
             raise ValueError(f"unknown model override {key!r}" + closest(key, valid))
         if name not in fields_:
-            raise ValueError(f"unknown model override {key!r}" + closest(name, fields_))
+            raise ValueError(f"unknown model override {key!r}" + closest(key, [f"{section}.{n}" for n in fields_]))
         target[name] = value
     return ModelSpec(dataclasses.replace(spec.backbone, **bb), dataclasses.replace(spec.side, **side),
                      spec.description)

@@ -1,0 +1,88 @@
+"""The `s4v` command line: `s4v info`, `s4v list`, `s4v convert-official`."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+
+def _fmt_params(n: int) -> str:
+    return f"{n:,} ({n / 1e6:.1f} M)"
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from s4v.model.specs import MODELS
+
+    width = max(len(n) for n in MODELS)
+    for name in sorted(MODELS):
+        print(f"{name:<{width}}  {MODELS[name].description}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import s4v
+    from s4v.model.flops import model_stats
+
+    names = s4v.list_models() if args.name == "all" else [args.name]
+    for name in names:
+        model = s4v.create_model(name, args.num_classes, args.num_frames, device="meta")
+        st = model_stats(model)
+        bb, side = model.spec.backbone, model.spec.side
+        taps = side.tap_layers(bb.layers)
+        print(f"{name}: {model.spec.description}")
+        print(f"  backbone      {bb.family} {bb.open_clip_name}  width {bb.width}, {bb.layers} layers, "
+              f"{bb.heads} heads, patch {bb.patch_size}, {bb.image_size}px")
+        print(f"  side network  width {side.width}, {side.num_heads} heads, {len(taps)} blocks "
+              f"({'every layer' if side.tap_every == 1 else f'every {side.tap_every}th layer'}), "
+              f"{side.block_norm}-norm")
+        print(f"  clip          {args.num_frames} frames, {args.num_classes} classes")
+        print(f"  parameters    total {_fmt_params(st.total_params)}")
+        print(f"                frozen {_fmt_params(st.frozen_params)}")
+        print(f"                trainable {_fmt_params(st.trainable_params)}")
+        print(f"  GFLOPs/view   {st.gflops:.1f} (backbone {st.backbone_gflops:.1f} + side {st.side_gflops:.1f})")
+    return 0
+
+
+def cmd_convert_official(args: argparse.Namespace) -> int:
+    from s4v.model.official import convert_official
+
+    convert_official(args.src, args.dst, args.num_frames, args.backbone_heads, args.side_heads)
+    print(f"wrote {args.dst}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="s4v", description="Side4Video: memory-efficient video transfer "
+                                     "of frozen image ViTs with a spatial-temporal side network.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("list", help="list the model names")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("info", help="parameters and GFLOPs of a model (built on the meta device)")
+    p.add_argument("name", help="a model name (see `s4v list`) or 'all'")
+    p.add_argument("--num-frames", type=int, default=8)
+    p.add_argument("--num-classes", type=int, default=174)
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("convert-official", help="official Side4Video checkpoint -> native s4v model file")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--num-frames", type=int, default=8)
+    p.add_argument("--backbone-heads", type=int, default=None, help="default: width // 64 (EVA: // 112)")
+    p.add_argument("--side-heads", type=int, default=None, help="default: side width // 64")
+    p.set_defaults(func=cmd_convert_official)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, KeyError) as err:
+        print(f"s4v {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
