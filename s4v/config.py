@@ -11,8 +11,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
-import os
-import tempfile
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -20,6 +18,8 @@ from pathlib import Path, PurePath
 from typing import Any, Literal, TypeVar, Union
 
 import yaml
+
+from s4v.fileio import atomic_write_bytes
 
 __all__ = ["ConfigError", "load_config", "config_from_dict", "config_to_dict", "dump_config"]
 
@@ -293,19 +293,5 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
 
 def dump_config(cfg: Any, path: str | Path) -> Path:
     """Write ``cfg`` as YAML atomically (temp file in the same directory + ``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=False)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write_bytes(path, text.encode("utf-8"))

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from pathlib import Path
 from typing import Optional
 
 import torch
+
+from s4v.fileio import atomic_torch_save
 
 from .backbone import assign_state_dict
 from .classifier import Side4VideoClassifier
@@ -19,22 +20,6 @@ from .specs import BackboneSpec, ModelSpec, SideSpec
 
 FORMAT = "s4v-model"
 VERSION = 1
-
-
-def atomic_torch_save(obj, path: str | os.PathLike) -> None:
-    """torch.save to a temp file in the same folder, fsync, then rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def save_model(model: Side4VideoClassifier, path: str | os.PathLike, include_backbone: bool = False) -> None:

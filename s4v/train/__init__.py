@@ -1,0 +1,1 @@
+"""Training: DeepSpeed engine around the side network, the loop, checkpoints, metrics, Slurm."""

@@ -1,0 +1,5 @@
+import sys
+
+from s4v.train.main import main
+
+sys.exit(main())

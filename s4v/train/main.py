@@ -1,0 +1,33 @@
+"""`s4v train CONFIG.yaml [key=value ...]` (also `python -m s4v.train`)."""
+from __future__ import annotations
+
+import json
+import sys
+from typing import Optional, Sequence
+
+USAGE = "usage: s4v train CONFIG.yaml [key=value ...]   (e.g. train.epochs=5 model.num_frames=16)"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    from s4v.config import ConfigError
+    from s4v.experiment import load_experiment
+
+    path, overrides = (None, argv) if "=" in argv[0] else (argv[0], argv[1:])
+    try:
+        cfg = load_experiment(path, overrides)
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"s4v train: config error: {err}", file=sys.stderr)
+        return 2
+    from s4v.train.loop import train
+
+    result = train(cfg, argv)
+    print("RESULT_JSON " + json.dumps(result, sort_keys=True), flush=True)
+    return 0 if result["status"] in ("finished", "preempted") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""Self-describing run directories: resolved config, DeepSpeed JSON, git revision, versions, command."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from s4v.config import dump_config
+from s4v.fileio import atomic_write_bytes
+
+PACKAGES = ("s4v", "torch", "torchvision", "deepspeed", "open_clip_torch", "timm", "webdataset",
+            "nvidia-dali-cuda130", "nvidia-dali-cuda120", "av", "numpy")
+
+
+def default_run_name(model_name: str) -> str:
+    """Stable across a Slurm requeue (same job id), so the requeued job finds its checkpoints."""
+    job = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
+    if job:
+        task = os.environ.get("SLURM_ARRAY_TASK_ID")
+        return f"{model_name}-job{job}" + (f"_{task}" if task and os.environ.get("SLURM_ARRAY_JOB_ID") else "")
+    return f"{model_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def git_state(repo: Path) -> str:
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True,
+                                  timeout=20).stdout
+        except (OSError, subprocess.SubprocessError):
+            return ""
+    rev = git("rev-parse", "HEAD").strip() or "unknown (not a git checkout)"
+    status = git("status", "--porcelain")
+    diff = git("diff", "HEAD") if status else ""
+    return f"revision: {rev}\ndirty: {bool(status.strip())}\n{status}\n{diff}"
+
+
+def versions() -> dict[str, str]:
+    out = {"python": sys.version.split()[0]}
+    for pkg in PACKAGES:
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def write_run_description(run_dir: Path, cfg: Any, ds_config: dict, argv: list[str]) -> None:
+    """Called on rank 0. Files are rewritten on resume (the first run's are kept as `*.first`)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("config.yaml", "command.txt"):
+        if (run_dir / name).is_file() and not (run_dir / f"{name}.first").exists():
+            shutil.copy2(run_dir / name, run_dir / f"{name}.first")
+    dump_config(cfg, run_dir / "config.yaml")
+    atomic_write_bytes(run_dir / "ds_config.json", json.dumps(ds_config, indent=2).encode())
+    atomic_write_bytes(run_dir / "git.txt", git_state(Path(__file__).resolve().parents[2]).encode())
+    atomic_write_bytes(run_dir / "versions.json", json.dumps(versions(), indent=2).encode())
+    slurm = {k: v for k, v in os.environ.items() if k.startswith("SLURM_")}
+    command = " ".join([sys.executable, "-m", "s4v.train", *argv])
+    atomic_write_bytes(run_dir / "command.txt",
+                       (command + "\n\n" + "\n".join(f"{k}={v}" for k, v in sorted(slurm.items()))).encode())
+    script = os.environ.get("S4V_SBATCH_SCRIPT")
+    if script and Path(script).is_file():
+        shutil.copy2(script, run_dir / "sbatch_script.sh")
