@@ -77,6 +77,20 @@ class ExperimentConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
 
+    def validate(self) -> None:
+        if self.data.num_frames != self.model.num_frames:
+            raise ConfigError(f"model.num_frames={self.model.num_frames} but data.num_frames="
+                              f"{self.data.num_frames}: set both to the clip length")
+        from s4v.model.specs import apply_overrides, get_spec
+
+        try:
+            spec = apply_overrides(get_spec(self.model.name), self.model.overrides)
+        except ValueError as err:
+            raise ConfigError(f"model.overrides: {err}") from err
+        if self.data.image_size != spec.backbone.image_size:
+            raise ConfigError(f"data.image_size={self.data.image_size} but {self.model.name} takes "
+                              f"{spec.backbone.image_size}px frames")
+
 
 def load_experiment(path: Optional[str] = None, overrides=()) -> ExperimentConfig:
     return load_config(ExperimentConfig, path, list(overrides))

@@ -116,10 +116,12 @@ def epoch_batches(table: ShardTable, seed: int, epoch: int, world_size: int, ran
 
 
 def worker_batches(num_batches: int, start: int, worker: int, num_workers: int) -> range:
-    """Batch indices (>= start) that `worker` of `num_workers` produces, in order."""
-    w = max(1, num_workers)
-    first = start + ((worker - start) % w)
-    return range(first, num_batches, w)
+    """Batch indices that `worker` of `num_workers` produces when an epoch resumes at `start`.
+
+    Round-robin from `start`, which matches the order in which torch's DataLoader collects results
+    from its workers, so batches reach the training loop as start, start + 1, ...
+    """
+    return range(start + worker, num_batches, max(1, num_workers))
 
 
 @dataclass
