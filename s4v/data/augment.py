@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from s4v.data.config import DataConfig
-from s4v.data.sampling import STREAM_AUG, STREAM_FRAMES, clip_indices, sample_rng, test_crop_boxes
+from s4v.data.sampling import STREAM_AUG, STREAM_FRAMES, clip_indices, sample_rng, eval_crop_boxes
 
 # The RandAugment op list, in the order of DALI's `get_rand_augment_suite(use_shape=False)`
 # (dali_pipeline.py asserts the order). Ops marked True take a random sign.
@@ -159,7 +159,7 @@ def plan_sample(cfg: DataConfig, key: str, label: int, num_frames: int, height: 
                               swap.get(label, label) if flip else label, ops))
     else:
         frames = clip_indices(cfg.sampling, num_frames, cfg.num_frames, False, clips=cfg.test_clips)
-        boxes = test_crop_boxes(rh, rw, cfg.image_size, cfg.test_crops)
+        boxes = eval_crop_boxes(rh, rw, cfg.image_size, cfg.test_crops)
         views = [View(k, tuple(float(v) for v in b), label=label)
                  for k in range(cfg.test_clips) for b in boxes]
     return SamplePlan(key, label, frames, (height, width), resized, views)

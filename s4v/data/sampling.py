@@ -103,7 +103,7 @@ def clip_indices(mode: str, n: int, t: int, train: bool, clips: int = 1,
 # ----------------------------------------------------------------------------- spatial test crops
 
 
-def test_crop_boxes(height: int, width: int, size: int, crops: int) -> list[tuple[int, int, int, int]]:
+def eval_crop_boxes(height: int, width: int, size: int, crops: int) -> list[tuple[int, int, int, int]]:
     """Test crops as (y0, x0, y1, x1) pixel boxes of a `height` x `width` (already resized) frame.
 
     `crops == 3`: left/top, centre, right/bottom along the long side, centred on the short side;

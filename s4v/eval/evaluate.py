@@ -1,7 +1,7 @@
 """Multi-view recognition evaluation, distributed over ranks with exact de-duplication.
 
 A batch holds `video` `[B, V, T, 3, H, W]` (V = spatial crops x temporal clips) or `[B, T, 3, H, W]`,
-`label` `[B]` and `key` (sample keys). Softmax scores are averaged over views (official test
+`label` `[B]`, `key` (sample keys) and `valid` (False for padding and failed samples). Softmax scores are averaged over views (official test
 protocol). Ranks may see padded duplicates at the end of an epoch; results are gathered by key, so
 every sample counts exactly once.
 """
@@ -27,8 +27,10 @@ def predict(forward: Callable[[torch.Tensor], torch.Tensor], batches: Iterable[d
         flat = video.flatten(0, 1) if video.dim() == 6 else video
         probs = forward(flat).float().softmax(-1)
         probs = probs.view(-1, views, probs.shape[-1]).mean(1).cpu()
-        for key, p, label in zip(batch["key"], probs, batch["label"].tolist()):
-            out[key] = (p, int(label))
+        valid = batch["valid"].tolist() if "valid" in batch else [True] * len(batch["key"])
+        for key, p, label, ok in zip(batch["key"], probs, batch["label"].tolist(), valid):
+            if ok:  # padding slots and samples that failed to decode hold copies of others
+                out[key] = (p, int(label))
     return out
 
 

@@ -108,6 +108,7 @@ class SideBlock(nn.Module):
     def __init__(self, dim: int, spec: SideSpec):
         super().__init__()
         self.post_norm = spec.block_norm == "post"
+        self.cls_shift = spec.cls_shift
         self.bn1 = TokenBatchNorm(dim)
         self.temporal = TemporalConv(dim, round(dim * spec.temporal_ratio), spec.temporal_kernel)
         self.ln = LayerNormFp32(dim)
@@ -117,7 +118,7 @@ class SideBlock(nn.Module):
 
     def forward(self, s: torch.Tensor, cls_tokens: torch.Tensor, pos: torch.Tensor,
                 num_frames: int) -> torch.Tensor:
-        z_cls = shift_cls(cls_tokens, num_frames)
+        z_cls = shift_cls(cls_tokens, num_frames) if self.cls_shift else cls_tokens
         if self.post_norm:
             s = s + self.bn1(self.temporal(s, num_frames))
             s = s + self.ln(self.attn(torch.cat([z_cls, s + pos], dim=1)))

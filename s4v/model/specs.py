@@ -49,7 +49,8 @@ class SideSpec:
     heads: Optional[int] = None  # default: width // 64, as the official code
     mlp_ratio: float = 4.0
     temporal_ratio: float = 1.0  # bottleneck width of the temporal conv branch, as a multiple of D
-    temporal_kernel: int = 3
+    temporal_kernel: int = 3  # temporal kernel of the stem and of the depthwise conv (1: none)
+    cls_shift: bool = True  # shift the projected CLS across frames (False: each frame keeps its own)
     pos_init_std: float = 0.01  # side spatial position embedding init (CLIP 0.01, EVA 0.02)
     init: Literal["clip", "default"] = "clip"  # "clip": the official CLIP block init; "default": PyTorch's
     drop_fc: float = 0.0  # dropout before the classifier

@@ -123,8 +123,12 @@ class Trainer:
         """One micro-batch: forward, loss, backward, (boundary) optimizer step. None if skipped."""
         video = batch["video"].to(self.info.device, non_blocking=True)
         labels = batch["label"].to(self.info.device, non_blocking=True)
+        valid = batch["valid"].to(self.info.device) if "valid" in batch else torch.ones_like(labels, dtype=torch.bool)
         logits = self.forward(video)
-        loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.cfg.optim.label_smoothing)
+        # Slots of samples that failed to decode hold copies of good ones; they do not count.
+        losses = F.cross_entropy(logits.float(), labels, label_smoothing=self.cfg.optim.label_smoothing,
+                                 reduction="none")
+        loss = (losses * valid).sum() / valid.sum().clamp_min(1)
         if all_reduce_max(0.0 if torch.isfinite(loss).item() else 1.0) > 0:  # all ranks skip together
             self.nonfinite_in_a_row += 1
             self.nonfinite_total += 1
@@ -228,8 +232,8 @@ class Trainer:
             bar.close()
             if status == "preempted":
                 break
-            if self.train_loader.exhausted:
-                self.epoch += 1
+            if self.train_loader.epoch > self.epoch:  # the loader moved past the epoch's last batch
+                self.epoch = self.train_loader.epoch
                 if cfg.eval.every_epochs and self.epoch % cfg.eval.every_epochs == 0:
                     self.best_top1 = max(self.evaluate(full_views=cfg.eval.during_training_views == "full")["top1"],
                                          self.best_top1 if not math.isnan(self.best_top1) else -1.0)

@@ -1,0 +1,1 @@
+"""Micro-benchmarks (`s4v bench ...`)."""
