@@ -153,3 +153,13 @@ def test_info_command():
     bad = subprocess.run([sys.executable, "-m", "s4v.cli.main", "info", "s4v_b61"], capture_output=True,
                          text=True)
     assert bad.returncode == 2 and "did you mean 's4v_b16'" in bad.stderr
+
+
+def test_frame_mean_variant_ignores_frame_order():
+    """With no temporal kernel and no CLS shift the side network is per-frame: the demo's baseline."""
+    model = tiny("s4v_tiny", **{"side.temporal_kernel": 1, "side.cls_shift": False}).eval()
+    ref = tiny("s4v_tiny").eval()
+    x = video()
+    perm = torch.tensor([2, 0, 3, 1])
+    assert torch.allclose(model(x), model(x[:, perm]), atol=1e-5)
+    assert not torch.allclose(ref(x), ref(x[:, perm]), atol=1e-3)
