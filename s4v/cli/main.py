@@ -1,4 +1,4 @@
-"""The `s4v` command line: `s4v info`, `s4v list`, `s4v convert-official`."""
+"""The `s4v` command line: train, eval, info, list, bench, convert-official."""
 from __future__ import annotations
 
 import argparse
@@ -51,6 +51,18 @@ def cmd_convert_official(args: argparse.Namespace) -> int:
     return 0
 
 
+BENCHES = ("loader",)
+
+
+def _passthrough(module: str):
+    """Subcommands with their own argument handling (config files + key=value overrides)."""
+    def run(args: argparse.Namespace) -> int:
+        import importlib
+
+        return importlib.import_module(module).main(args.rest)
+    return run
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="s4v", description="Side4Video: memory-efficient video transfer "
                                      "of frozen image ViTs with a spatial-temporal side network.")
@@ -65,6 +77,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, default=174)
     p.set_defaults(func=cmd_info)
 
+    for name, module, text in (("train", "s4v.train.main", "train: s4v train CONFIG.yaml [key=value ...]"),
+                               ("eval", "s4v.eval.main", "multi-view evaluation: s4v eval RUN_DIR|MODEL.pt ...")):
+        p = sub.add_parser(name, help=text, add_help=False)
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(func=_passthrough(module))
+
+    p = sub.add_parser("bench", help="benchmarks: s4v bench {loader} ... (tables of ratios)")
+    p.add_argument("which", choices=BENCHES)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=lambda a: __import__(f"s4v.bench.{a.which}", fromlist=["main"]).main(a.rest))
+
     p = sub.add_parser("convert-official", help="official Side4Video checkpoint -> native s4v model file")
     p.add_argument("src")
     p.add_argument("dst")
@@ -76,6 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("train", "eval"):  # these parse their own config + key=value arguments
+        import importlib
+
+        return importlib.import_module(f"s4v.{argv[0]}.main").main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -266,7 +266,8 @@ class Trainer:
         self.logger.log(self.step, values)
 
     def export(self) -> Optional[Path]:
-        """The side network + head alone (fp32 master weights), for release; rank 0 writes it."""
+        """The side network + head alone (fp32 master weights), for release; rank 0 writes it.
+        Loading it needs the tower's weights file too (`load_model(path, pretrained=...)`)."""
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         barrier()
@@ -279,7 +280,8 @@ class Trainer:
                  **{k: v.float() for k, v in sd.items()},
                  **{k: v for k, v in self.engine.module.state_dict().items() if "running" in k
                     or "num_batches_tracked" in k}}, strict=False)
-            save_model(self.model, path, include_backbone=False)
+            # A randomly initialised tower cannot be rebuilt from a file: keep it in the export then.
+            save_model(self.model, path, include_backbone=self.cfg.model.pretrained is None)
             log.info("exported side network + head to %s", path)
         barrier()
         return path

@@ -1,0 +1,80 @@
+"""Your own data as a manifest: a CSV (with a header) or a JSONL file, passed as `--annotations`.
+
+Fields: `path` (required; a video file or a folder of frames, relative to `--videos` or, if that
+is not given, to the manifest's folder), and any of `id`, `label`, `caption` / `captions`
+(JSONL: a list; CSV: `|`-separated), `start`, `end` (seconds), `split`. Rows with a `split` field
+are kept only if it equals `--split`. Rows that repeat a path add their captions to it.
+Classes are the sorted label names, or the lines of `--classes FILE`.
+"""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+from data_prep.datasets.common import AnnotationError, ParseArgs, load_classes_file
+from data_prep.records import ParsedSplit, VideoRecord
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    if path.suffix.lower() in (".jsonl", ".json", ".ndjson"):
+        rows = []
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise AnnotationError(f"{path}:{n}: not a JSON object per line ({e})") from None
+        return rows
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        rows = []
+        for row in csv.DictReader(f):
+            row = {k.strip(): (v or "").strip() for k, v in row.items() if k}
+            if "captions" in row:
+                row["captions"] = [c.strip() for c in row["captions"].split("|") if c.strip()]
+            rows.append(row)
+        return rows
+
+
+def parse(args: ParseArgs) -> ParsedSplit:
+    if args.annotations is None or not Path(args.annotations).is_file():
+        raise AnnotationError(f"--annotations must be the manifest file (CSV with a header or JSONL with "
+                              f"path, label or captions); got {args.annotations}")
+    path = Path(args.annotations)
+    base = Path(args.videos) if args.videos else path.parent
+    by_path: dict[str, VideoRecord] = {}
+    for n, row in enumerate(read_rows(path), 1):
+        if not isinstance(row, dict) or not row.get("path"):
+            raise AnnotationError(f"{path}: row {n} has no `path` field")
+        if row.get("split") and row["split"] != args.split:
+            continue
+        caps = row.get("captions") or []
+        caps = [caps] if isinstance(caps, str) else list(caps)
+        if row.get("caption"):
+            caps.append(str(row["caption"]))
+        rec = by_path.get(row["path"])
+        if rec is None:
+            src = base / row["path"]
+            rec = VideoRecord(source_id=str(row.get("id") or Path(row["path"]).with_suffix("").as_posix()),
+                              label=str(row["label"]) if row.get("label") not in (None, "") else None,
+                              start=float(row["start"]) if row.get("start") not in (None, "") else None,
+                              end=float(row["end"]) if row.get("end") not in (None, "") else None)
+            if src.is_dir():
+                rec.frames_dir, rec.frame_rate = str(src), args.frames_fps
+            elif src.is_file():
+                rec.path = str(src)
+            else:
+                rec.missing_reason = f"video not found: {src}"
+            by_path[row["path"]] = rec
+        rec.captions.extend(caps)
+    records = list(by_path.values())
+    labels = sorted({r.label for r in records if r.label is not None})
+    classes = load_classes_file(args.classes_file) if args.classes_file else labels
+    index = {c: i for i, c in enumerate(classes)}
+    for r in records:
+        if r.label is not None:
+            if r.label not in index:
+                raise AnnotationError(f"{path}: label {r.label!r} of {r.source_id} is not in --classes {args.classes_file}")
+            r.label_index = index[r.label]
+    return ParsedSplit("manifest", args.split, classes, records)

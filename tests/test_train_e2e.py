@@ -1,0 +1,109 @@
+"""End-to-end training on the CPU with DeepSpeed: a run finishes and describes itself; an interrupted
+and resumed run gives exactly the losses of an uninterrupted one; two ranks train together."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests._video_fixtures import Spec, write_split
+
+REPO = Path(__file__).resolve().parents[1]
+NUM_CLASSES = 6
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shards")
+    for split, n_shards, per in (("train", 4, 6), ("val", 2, 4)):
+        write_split(root, split, [[Spec(f"{split}{s}_{i}", 12, (s * per + i) % NUM_CLASSES, height=32, width=32)
+                                   for i in range(per)] for s in range(n_shards)])
+    return root
+
+
+def overrides(root, out, run, **extra):
+    base = {"model.name": "s4v_tiny", "model.num_classes": NUM_CLASSES, "model.num_frames": 4,
+            "model.backbone_dtype": "fp32", "data.root": str(root), "data.loader": "pyav",
+            "data.num_frames": 4, "data.image_size": 32, "data.resize_short": 32, "data.batch_size": 2,
+            "data.num_workers": 1, "data.min_shards_per_reader": 0, "data.shuffle_buffer": 8,
+            "engine.ds_config": "ds_configs/zero2_fp32.json", "optim.lr": 1e-3, "optim.warmup_epochs": 0.5,
+            "train.epochs": 2, "train.output_dir": str(out), "train.run_name": run,
+            "train.log_every_steps": 1, "train.deterministic": True, "eval.at_end": False,
+            "train.export": False}
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def run_train(args, nproc=1, timeout=300):
+    env = dict(os.environ, DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
+               PYTHONPATH=str(REPO))
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "s4v.train", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "s4v.train", *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT_JSON ")][-1]
+    return json.loads(line[len("RESULT_JSON "):])
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def losses(run_dir):
+    rows = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+
+
+@pytest.mark.slow
+def test_resume_gives_the_same_losses_as_an_uninterrupted_run(shards, tmp_path):
+    full = run_train(overrides(shards, tmp_path, "full"))
+    assert full["status"] == "finished" and full["step"] == 24  # 2 epochs x 12 batches per rank
+    part = run_train(overrides(shards, tmp_path, "resumed", **{"train.max_steps": 7}))
+    assert part["step"] == 7
+    rest = run_train(overrides(shards, tmp_path, "resumed"))
+    assert rest["step"] == 24
+    a, b = losses(full["run_dir"]), losses(rest["run_dir"])
+    assert sorted(a) == sorted(b) == list(range(1, 25))
+    for step in a:
+        assert b[step] == pytest.approx(a[step], abs=1e-6), step
+    run_dir = Path(full["run_dir"])
+    for name in ("config.yaml", "ds_config.json", "git.txt", "versions.json", "command.txt"):
+        assert (run_dir / name).is_file(), name
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000024"
+
+
+@pytest.mark.slow
+def test_two_ranks_train_evaluate_and_export(shards, tmp_path):
+    res = run_train(overrides(shards, tmp_path, "ddp", **{"train.epochs": 1, "eval.at_end": True,
+                                                           "train.export": True}), nproc=2)
+    assert res["status"] == "finished" and res["step"] == 6  # 24 clips / 2 ranks / batch 2
+    assert 0.0 <= res["val_top1"] <= 1.0
+    run_dir = Path(res["run_dir"])
+    export = run_dir / "model_side_head.pt"
+    assert export.is_file()
+    import torch
+
+    from s4v.model.checkpoint_io import load_model
+
+    sd = torch.load(export, weights_only=True)
+    assert sd["includes_backbone"] is True  # random tower (no weights file): exported with the model
+    model = load_model(export)
+    assert model.num_classes == NUM_CLASSES and not model.training
+    out = subprocess.run([sys.executable, "-m", "s4v.cli.main", "eval", str(run_dir)], cwd=REPO,
+                         capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads((run_dir / "eval.json").read_text())
+    assert report["top1"] == pytest.approx(res["val_top1"], abs=1e-6) and report["num_samples"] == 8
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert any("val/top1" in r for r in rows) and any("perf/clips_per_s" in r for r in rows)
