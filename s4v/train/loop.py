@@ -232,8 +232,9 @@ class Trainer:
             bar.close()
             if status == "preempted":
                 break
-            if self.train_loader.epoch > self.epoch:  # the loader moved past the epoch's last batch
-                self.epoch = self.train_loader.epoch
+            loader = self.train_loader
+            if loader.epoch > self.epoch or loader.batches_done >= len(loader):  # epoch complete
+                self.epoch += 1
                 if cfg.eval.every_epochs and self.epoch % cfg.eval.every_epochs == 0:
                     self.best_top1 = max(self.evaluate(full_views=cfg.eval.during_training_views == "full")["top1"],
                                          self.best_top1 if not math.isnan(self.best_top1) else -1.0)
