@@ -5,6 +5,8 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.s4v-installed
 export HF_HUB_OFFLINE := 1
+# The venv's tools first (its ninja builds DeepSpeed's CPU comm op; a different ninja rebuilds it).
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export DS_ACCELERATOR ?= cpu
 export DS_BUILD_OPS := 0
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions

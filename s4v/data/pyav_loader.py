@@ -211,5 +211,15 @@ class PyAVEngine:
         ds = _EpochDataset(self.cfg, self.root, self.table, batches, start, self.train, epoch)
         nw = min(self.cfg.num_workers, max(0, len(batches) - start))
         dl = DataLoader(ds, batch_size=None, num_workers=nw, prefetch_factor=max(1, self.cfg.prefetch) if nw else None,
-                        persistent_workers=False, timeout=600 if nw else 0, pin_memory=self.pin)
+                        persistent_workers=False, timeout=600 if nw else 0, pin_memory=self.pin,
+                        worker_init_fn=_ignore_preemption_signals if nw else None)
         yield from dl
+
+
+def _ignore_preemption_signals(worker_id: int) -> None:
+    """Workers leave SIGTERM/SIGUSR1 to the training process, which checkpoints and then ends them
+    (torch's worker handler would otherwise die on a SIGTERM that Slurm sends to every process)."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)

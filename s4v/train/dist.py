@@ -116,21 +116,46 @@ class PreemptionFlag:
     step boundaries, agrees on it across ranks, checkpoints and requeues."""
 
     def __init__(self, signals=(signal.SIGUSR1, signal.SIGTERM)):
-        self.signum: int | None = None
+        # A signal that arrived while the job was still starting (see `buffer_preemption_signals`).
+        self.signum: int | None = next(iter(sorted(_SIGNALS_RECEIVED)), None)
         for sig in signals:
             signal.signal(sig, self._handler)
 
     def _handler(self, signum, frame) -> None:
         log.warning("received signal %s: will checkpoint and stop at the next step", signal.Signals(signum).name)
         self.signum = signum
+        _SIGNALS_RECEIVED.add(signum)
 
     def agreed(self) -> bool:
         """True on every rank as soon as any rank got the signal."""
         return all_reduce_max(1.0 if self.signum is not None else 0.0) > 0
 
 
+# Signals this process got through a PreemptionFlag: a SIGTERM alone (`scancel`, a time limit reached
+# without the USR1 warning, Slurm's own preemption) must not requeue the job.
+_SIGNALS_RECEIVED: set[int] = set()
+
+
+def buffer_preemption_signals(signals=(signal.SIGUSR1, signal.SIGTERM)) -> None:
+    """Called first thing at start-up: a preemption signal that comes while the model and data are
+    still being built (minutes for E/14) is remembered instead of killing the rank; the training
+    loop's PreemptionFlag then acts on it at the first step."""
+    def remember(signum, frame) -> None:
+        _SIGNALS_RECEIVED.add(signum)
+
+    for sig in signals:
+        signal.signal(sig, remember)
+
+
 def requeue_slurm_job() -> bool:
-    """`scontrol requeue $SLURM_JOB_ID` from rank 0; returns whether a requeue was issued."""
+    """`scontrol requeue $SLURM_JOB_ID` from rank 0; returns whether a requeue was issued.
+
+    Not after a SIGTERM without a SIGUSR1: that is `scancel` (Slurm requeues even a cancelled job, so
+    a requeue here would undo the cancel), or Slurm's own preemption, which requeues by itself when
+    configured to; the checkpoint is saved either way."""
+    if signal.SIGTERM in _SIGNALS_RECEIVED and signal.SIGUSR1 not in _SIGNALS_RECEIVED:
+        log.warning("stopped by SIGTERM (scancel, preemption or time limit): checkpoint saved, job not requeued")
+        return False
     job = os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID")
     job_id = (f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}" if job
               else os.environ.get("SLURM_JOB_ID"))

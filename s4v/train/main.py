@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -9,6 +10,9 @@ USAGE = "usage: s4v train CONFIG.yaml [key=value ...]   (e.g. train.epochs=5 mod
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from s4v.train.dist import buffer_preemption_signals
+
+    buffer_preemption_signals()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
@@ -25,7 +29,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from s4v.train.loop import train
 
     result = train(cfg, argv)
-    print("RESULT_JSON " + json.dumps(result, sort_keys=True), flush=True)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print("RESULT_JSON " + json.dumps(result, sort_keys=True), flush=True)
     return 0 if result["status"] in ("finished", "preempted") else 1
 
 

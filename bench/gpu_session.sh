@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The GPU checks of one lent H100/H200 session, in two parts (see docs/performance.md):
+#   part1: GPU unit tests, the memory/speed table (bench/gpu.sh), a 1-GPU DeepSpeed bf16 training run
+#          (PyAV loader over H.264 shards).
+#   part2: after DALI is unpacked into $S4V_SITE: the DALI `mixed` (NVDEC) tests, a 1-GPU training run
+#          on DALI-decoded H.264 shards, and the loader table (PyAV vs DALI GPU).
+# Python packages come from $S4V_SITE (wheels carried to the machine; see the device notes).
+set -u
+cd "$(dirname "$0")/.."
+OUT="${OUT:-bench/out}"
+mkdir -p "$OUT"
+export PYTHONPATH="${S4V_SITE:-/tmp/site}:$PWD" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4
+PY=python3
+step() { echo; echo "=== $* ($(date +%T))"; }
+
+synthetic() {  # synthetic pair4 shards: $1 out dir, then extra data_prep.synthetic args
+  local out=$1; shift
+  [ -f "$out/train-index.json" ] || $PY -m data_prep.synthetic --out "$out" --workers 12 --no-progress "$@"
+}
+
+train_smoke() {  # $1 run name, $2 loader, $3 shards
+  timeout 240 $PY -m s4v.train ds_configs/experiments/demo_tiny.yaml "data.root=$3" "data.loader=$2" \
+    data.device=gpu data.num_workers=4 engine.ds_config=ds_configs/zero2_bf16.json \
+    model.backbone_dtype=bf16 train.epochs=3 eval.every_epochs=1 train.output_dir=/tmp/s4v_runs \
+    "train.run_name=$1" train.log_every_steps=20 2>&1 | grep -v -i "warn" | tail -n 25
+  grep -h '"perf/clips_per_s"' "/tmp/s4v_runs/$1/metrics.jsonl" | tail -n 2
+}
+
+case "${1:-part1}" in
+part1)
+  step "GPU"; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  $PY -c "import torch, open_clip, timm, deepspeed; print(torch.__version__, open_clip.__version__, timm.__version__, deepspeed.__version__)"
+  step "GPU unit tests"; timeout 240 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -n 15
+  step "memory / speed table"; OUT="$OUT" bash bench/gpu.sh --budget-s "${BENCH_BUDGET_S:-110}"
+  step "synthetic H.264 shards"; synthetic /tmp/synth_h264 --codec h264
+  step "1-GPU DeepSpeed bf16 training, PyAV loader"; train_smoke gpu_pyav pyav /tmp/synth_h264
+  ;;
+part2)
+  $PY -c "import nvidia.dali as d; print('DALI', d.__version__)" || exit 1
+  step "DALI mixed (NVDEC) tests"; timeout 200 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_loader.py 2>&1 | tail -n 15
+  step "synthetic H.264 shards"; synthetic /tmp/synth_h264 --codec h264
+  step "1-GPU DeepSpeed bf16 training, DALI GPU decoding"; train_smoke gpu_dali dali /tmp/synth_h264
+  step "loader table: 320px clips of 64 frames"; synthetic /tmp/synth_320 --codec h264 --size 320 --frames 64 --train 256 --val 16
+  timeout 200 $PY -m s4v.cli.main bench loader --shards /tmp/synth_320 --split train --batches 12 \
+    --batch-size 16 --num-frames 8 --workers 8 --engines pyav,dali-gpu 2>&1 | tail -n 12 | tee "$OUT/loader_bench.txt"
+  ;;
+esac

