@@ -51,7 +51,7 @@ def cmd_convert_official(args: argparse.Namespace) -> int:
     return 0
 
 
-BENCHES = ("loader",)
+BENCHES = ("loader", "memory", "throughput")
 
 
 def _passthrough(module: str):

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import LayerNormFp32, TokenBatchNorm, checkpointed, shift_cls
+from .layers import (LayerNormFp32, TokenBatchNorm, checkpointed, heads_linear, norm_linear, norm_mlp,
+                     shift_cls)
 from .specs import SideSpec
 
 
@@ -37,14 +38,17 @@ class Tap(nn.Module):
     EVA: Linear then LN(D).
     """
 
-    def __init__(self, backbone_width: int, dim: int, order: str):
+    def __init__(self, backbone_width: int, dim: int, order: str, fused: bool = False):
         super().__init__()
         self.order = order
+        self.fused = fused  # keep only the backbone token for backward (LN output recomputed)
         self.norm = LayerNormFp32(backbone_width if order == "norm_linear" else dim)
         self.proj = nn.Linear(backbone_width, dim)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.order == "norm_linear":
+            if self.fused and torch.is_grad_enabled():
+                return norm_linear(tokens, self.norm, "ln", self.proj)
             return self.proj(self.norm(tokens).to(self.proj.weight.dtype))
         return self.norm(self.proj(tokens.to(self.proj.weight.dtype)))
 
@@ -58,9 +62,15 @@ class TemporalConv(nn.Module):
         self.dw = nn.Conv2d(hidden, hidden, (kernel, 1), padding=(kernel // 2, 0), groups=hidden)
         self.pw2 = nn.Linear(hidden, dim)
 
-    def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, num_frames: int, norm: TokenBatchNorm | None = None,
+                fused: bool = False) -> torch.Tensor:
+        """`norm`: a BatchNorm applied first (fused into pw1 with `fused`, keeping only its input)."""
         bt, n, _ = x.shape
-        h = self.pw1(x).view(bt // num_frames, num_frames, n, -1)
+        if norm is not None and fused and norm.fusable():
+            h = norm_linear(x, norm, "bn", self.pw1)
+        else:
+            h = self.pw1(norm(x) if norm is not None else x)
+        h = h.view(bt // num_frames, num_frames, n, -1)
         # [B, T, N, C] seen as a channels-last [B, C, T, N] image: a (k, 1) conv is a temporal conv.
         h = self.dw(h.permute(0, 3, 1, 2)).permute(0, 2, 3, 1).reshape(bt, n, -1)
         return self.pw2(h)
@@ -70,31 +80,56 @@ class SideAttention(nn.Module):
     """Per-frame multi-head attention: queries are the patch tokens, keys/values are the shifted
     CLS token plus the patch tokens. Fused through `scaled_dot_product_attention`."""
 
-    def __init__(self, dim: int, heads: int):
+    def __init__(self, dim: int, heads: int, kind: str = "sdpa", fused: bool = False):
         super().__init__()
         self.heads = heads
+        self.kind = kind  # "sdpa": fused attention; "math": softmax probabilities materialised (and kept)
+        self.fused = fused  # LN->qkv and out->proj keep only the LN input and the attention output
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        """`z`: `[B*T, 1+N, D]` (shifted CLS first) -> `[B*T, N, D]`."""
+    def forward(self, z: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
+        """`z`: `[B*T, 1+N, D]` (shifted CLS first) -> `[B*T, N, D]`; `norm`: a LayerNorm applied first."""
         bt, m, dim = z.shape
         hd = dim // self.heads
-        w_q, w_kv = self.qkv.weight.split([dim, 2 * dim])
-        b_q, b_kv = self.qkv.bias.split([dim, 2 * dim])
-        q = F.linear(z[:, 1:], w_q, b_q).view(bt, m - 1, self.heads, hd).transpose(1, 2)
-        k, v = F.linear(z, w_kv, b_kv).view(bt, m, 2, self.heads, hd).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v)
+        fused = self.fused and torch.is_grad_enabled()
+        if norm is not None and fused:  # one qkv matmul over all tokens; the CLS row's query is dropped
+            qkv = norm_linear(z, norm, "ln", self.qkv)
+            q = qkv[:, 1:, :dim].view(bt, m - 1, self.heads, hd).transpose(1, 2)
+            k, v = qkv[..., dim:].view(bt, m, 2, self.heads, hd).permute(2, 0, 3, 1, 4)
+        else:
+            if norm is not None:
+                z = norm(z)
+            w_q, w_kv = self.qkv.weight.split([dim, 2 * dim])
+            b_q, b_kv = self.qkv.bias.split([dim, 2 * dim])
+            q = F.linear(z[:, 1:], w_q, b_q).view(bt, m - 1, self.heads, hd).transpose(1, 2)
+            k, v = F.linear(z, w_kv, b_kv).view(bt, m, 2, self.heads, hd).permute(2, 0, 3, 1, 4)
+        if self.kind == "math":
+            attn = torch.softmax((q * hd ** -0.5) @ k.transpose(-2, -1), dim=-1)
+            out = attn @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)
+        if fused:
+            return heads_linear(out, self.proj)
         return self.proj(out.transpose(1, 2).reshape(bt, m - 1, dim))
 
 
 class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int, recompute: str = "none"):
         super().__init__()
+        self.recompute = recompute  # "none" | "gelu" | "fc1": what backward recomputes instead of keeping
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, norm: TokenBatchNorm | None = None, fused_norm: bool = False) -> torch.Tensor:
+        """`norm`: a BatchNorm applied first (with `fused_norm`, only its input is kept for backward)."""
+        fuse_norm = norm is not None and fused_norm and norm.fusable()
+        if torch.is_grad_enabled() and (fuse_norm or self.recompute != "none"):
+            if norm is not None and not fuse_norm:
+                x, norm = norm(x), None
+            return norm_mlp(x, norm, self.fc1, self.fc2, self.recompute)
+        if norm is not None:
+            x = norm(x)
         return self.fc2(F.gelu(self.fc1(x)))  # exact GELU, not QuickGELU
 
 
@@ -109,12 +144,13 @@ class SideBlock(nn.Module):
         super().__init__()
         self.post_norm = spec.block_norm == "post"
         self.cls_shift = spec.cls_shift
+        self.fused_norms = spec.fused_norms
         self.bn1 = TokenBatchNorm(dim)
         self.temporal = TemporalConv(dim, round(dim * spec.temporal_ratio), spec.temporal_kernel)
         self.ln = LayerNormFp32(dim)
-        self.attn = SideAttention(dim, spec.num_heads)
+        self.attn = SideAttention(dim, spec.num_heads, spec.attention, spec.fused_norms)
         self.bn2 = TokenBatchNorm(dim)
-        self.mlp = Mlp(dim, round(dim * spec.mlp_ratio))
+        self.mlp = Mlp(dim, round(dim * spec.mlp_ratio), spec.mlp_recompute)
 
     def forward(self, s: torch.Tensor, cls_tokens: torch.Tensor, pos: torch.Tensor,
                 num_frames: int) -> torch.Tensor:
@@ -123,9 +159,9 @@ class SideBlock(nn.Module):
             s = s + self.bn1(self.temporal(s, num_frames))
             s = s + self.ln(self.attn(torch.cat([z_cls, s + pos], dim=1)))
             return s + self.bn2(self.mlp(s))
-        s = s + self.temporal(self.bn1(s), num_frames)
-        s = s + self.attn(self.ln(torch.cat([z_cls, s + pos], dim=1)))
-        return s + self.mlp(self.bn2(s))
+        s = s + self.temporal(s, num_frames, self.bn1, self.fused_norms)
+        s = s + self.attn(torch.cat([z_cls, s + pos], dim=1), self.ln)
+        return s + self.mlp(s, self.bn2, self.fused_norms)
 
 
 class SideNetwork(nn.Module):
@@ -137,7 +173,8 @@ class SideNetwork(nn.Module):
         dim = spec.width
         self.spec = spec
         self.stem = Stem(dim, patch_size, spec.temporal_kernel)
-        self.taps = nn.ModuleList(Tap(backbone_width, dim, spec.tap_order) for _ in range(num_taps))
+        self.taps = nn.ModuleList(Tap(backbone_width, dim, spec.tap_order, spec.fused_taps)
+                                  for _ in range(num_taps))
         self.blocks = nn.ModuleList(SideBlock(dim, spec) for _ in range(num_taps))
         self.pos_embed = nn.Parameter(torch.empty(num_patches, dim))
         self.grad_checkpointing = False

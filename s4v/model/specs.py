@@ -54,6 +54,12 @@ class SideSpec:
     pos_init_std: float = 0.01  # side spatial position embedding init (CLIP 0.01, EVA 0.02)
     init: Literal["clip", "default"] = "clip"  # "clip": the official CLIP block init; "default": PyTorch's
     drop_fc: float = 0.0  # dropout before the classifier
+    # Memory savings (docs/performance.md). None changes what is computed; each only changes what is
+    # kept for backward (and recomputed there), so logits and gradients are the same either way.
+    attention: Literal["sdpa", "math"] = "sdpa"  # "math": materialised softmax probabilities (official)
+    fused_taps: bool = True  # tap LN->Linear keeps only the backbone token, in the backbone's dtype
+    fused_norms: bool = True  # BN->Linear, LN->qkv, attention out->proj keep only the norm's input
+    mlp_recompute: Literal["none", "gelu", "fc1"] = "gelu"  # recompute in backward: nothing, GELU, fc1+GELU
 
     @property
     def num_heads(self) -> int:

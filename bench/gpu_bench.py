@@ -1,0 +1,149 @@
+"""GPU memory and speed of s4v models and baselines (run by bench/gpu.sh; see docs/performance.md).
+
+Per row: CUDA peak memory (max allocated and reserved) of a training step (forward + backward + AdamW,
+bf16 autocast, frozen tower in bf16, random weights), step time, clips/s, model FLOPs utilisation, and
+the bytes saved for backward per clip (same tracker as on CPU). Batch 32 first; on OOM the batch is
+halved until it fits. One failing row does not stop the others. Results are rewritten after every row
+(markdown + JSON) into --out, so a run cut short still leaves a table.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import os
+import platform
+import sys
+import time
+import traceback
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from s4v.bench.memory import MiB, OFFICIAL_LIKE, PAPER_GB, build, measure  # noqa: E402
+from s4v.bench.throughput import train_flops_per_clip  # noqa: E402
+
+VARIANTS = {"default": ({}, False), "default+ckpt": ({}, True), "official-like": (OFFICIAL_LIKE, False),
+            "mlp_recompute=fc1": ({"side.mlp_recompute": "fc1"}, False)}
+PLAN = [  # (model, variants, baselines), in order of priority
+    ("s4v_b16", ["default", "default+ckpt", "official-like", "mlp_recompute=fc1"],
+     ["st-adapter", "full-finetune", "linear-probe"]),
+    ("s4v_l14", ["default", "default+ckpt", "official-like"], ["st-adapter", "full-finetune", "linear-probe"]),
+    ("s4v_e14", ["default+ckpt", "default"], []),
+]
+PAPER_KEY = {"s4v_b16": "B/16", "s4v_l14": "L/14"}
+
+
+def run_row(label, name, overrides, ckpt, batch, frames, device, size, flops, peak_tflops):
+    while batch >= 1:
+        model = video = None
+        try:
+            torch.cuda.empty_cache() if device == "cuda" else None
+            model = build(name, frames, "bf16", device, overrides)
+            if ckpt:
+                model.set_grad_checkpointing(True)
+            video = torch.randn(batch, frames, 3, size, size, device=device)
+            r = measure(model, video, "bf16", label, name, step=True)
+            out = dict(row=label, model=name, batch=batch, status="ok", trainable_M=r.trainable / 1e6,
+                       saved_per_clip_MiB=r.saved / batch / MiB, step_s=r.step_s, clips_s=batch / r.step_s,
+                       cuda_peak_GB=(r.cuda_peak or 0) / 1e9,
+                       cuda_reserved_GB=(torch.cuda.max_memory_reserved() / 1e9 if device == "cuda" else 0.0),
+                       weights_GB=r.weights / 1e9, grads_GB=r.grads / 1e9, optim_GB=r.optim / 1e9)
+            if flops and device == "cuda":
+                out["mfu"] = flops * batch / r.step_s / (peak_tflops * 1e12)
+            return out
+        except torch.OutOfMemoryError:
+            print(f"  {label}: OOM at batch {batch}", flush=True)
+            batch //= 2
+        except Exception as err:  # noqa: BLE001 - a row's failure is recorded, the run goes on
+            traceback.print_exc()
+            return dict(row=label, model=name, batch=batch, status=f"error: {type(err).__name__}: {err}"[:200])
+        finally:
+            model = video = None
+            gc.collect()
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    return dict(row=label, model=name, batch=0, status="OOM")
+
+
+def to_markdown(rows, info):
+    lines = [f"GPU: {info['gpu']}; torch {info['torch']}; {info['frames']} frames, bf16 autocast, frozen tower "
+             "in bf16, random weights; AdamW.", "",
+             "| row | batch | trainable (M) | CUDA peak alloc (GB) | reserved (GB) | paper (GB) | saved/clip (MiB) "
+             "| step (s) | clips/s | MFU | status |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["status"] != "ok":
+            lines.append(f"| {r['row']} | {r.get('batch', '-')} | | | | | | | | | {r['status']} |")
+            continue
+        paper = ""
+        key = PAPER_KEY.get(r["model"].split(":")[-1])
+        kind = {"default": "Side4Video", "official-like": "Side4Video", "st-adapter": "ST-Adapter"}.get(
+            r["row"].split(" ")[-1] if "(" not in r["row"] else r["row"].split(" ")[0])
+        if key and kind and (key, kind) in PAPER_GB:
+            paper = f"{PAPER_GB[(key, kind)]}"
+        lines.append(f"| {r['row']} | {r['batch']} | {r['trainable_M']:.1f} | {r['cuda_peak_GB']:.2f} | "
+                     f"{r['cuda_reserved_GB']:.2f} | {paper} | {r['saved_per_clip_MiB']:.1f} | {r['step_s']:.3f} | "
+                     f"{r['clips_s']:.1f} | {r.get('mfu', float('nan')):.1%} | ok |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=os.environ.get("OUT", "bench/out"))
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--models", default=None, help="comma list to restrict the plan (e.g. s4v_b16)")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--frames", type=int, default=8)
+    p.add_argument("--budget-s", type=float, default=230.0, help="start no new row after this many seconds")
+    p.add_argument("--peak-tflops", type=float, default=989.0)
+    p.add_argument("--no-baselines", action="store_true")
+    a = p.parse_args(argv)
+    os.makedirs(a.out, exist_ok=True)
+    t_start = time.time()
+    if a.device == "cuda":
+        if not torch.cuda.is_available():
+            print("no CUDA device", file=sys.stderr)
+            return 1
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    info = dict(gpu=torch.cuda.get_device_name() if a.device == "cuda" else platform.processor() or "cpu",
+                torch=torch.__version__, frames=a.frames, python=platform.python_version())
+    from s4v.model.specs import get_spec
+
+    plan = PLAN
+    if a.models:  # a subset of the plan; other names (e.g. s4v_tiny for a CPU dry run) get a short plan
+        known = {m: (m, v, b) for m, v, b in PLAN}
+        plan = [known.get(m, (m, ["default", "default+ckpt"], ["st-adapter", "linear-probe"]))
+                for m in a.models.split(",")]
+    rows = []
+    for model_name, variants, baselines in plan:
+        size = get_spec(model_name).backbone.image_size
+        try:
+            flops = train_flops_per_clip(model_name, a.frames)
+        except Exception:  # noqa: BLE001
+            flops = None
+        todo = [(f"{model_name} {v}", model_name, *VARIANTS[v]) for v in variants]
+        if not a.no_baselines:
+            todo += [(f"{k} ({model_name})", f"baseline:{k}:{model_name}", {}, False) for k in baselines]
+        for label, name, overrides, ckpt in todo:
+            if time.time() - t_start > a.budget_s:
+                rows.append(dict(row=label, model=name, status="skipped: time budget"))
+                continue
+            t0 = time.time()
+            r = run_row(label, name, overrides, ckpt, a.batch, a.frames, a.device, size, flops, a.peak_tflops)
+            r["row_s"] = time.time() - t0
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+            with open(os.path.join(a.out, "gpu_bench.json"), "w") as f:
+                json.dump(dict(info=info, rows=rows), f, indent=1)
+            with open(os.path.join(a.out, "gpu_bench.md"), "w") as f:
+                f.write(to_markdown(rows, info))
+    print(to_markdown(rows, info))
+    print(f"total {time.time() - t_start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

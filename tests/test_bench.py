@@ -1,0 +1,86 @@
+"""Benchmarks: baselines in the same harness, `s4v bench memory|throughput`, the GPU script (dry run on CPU)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from s4v.bench.baselines import create_baseline
+from s4v.bench.memory import main as memory_main
+from s4v.bench.throughput import main as throughput_main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("kind", ["full-finetune", "st-adapter", "linear-probe"])
+def test_baselines_train_what_they_should(kind):
+    torch.manual_seed(0)
+    model = create_baseline(kind, "s4v_tiny", 5, 4).train()
+    x = torch.randn(2, 4, 3, 32, 32)
+    out = model(x)
+    assert out.shape == (2, 5)
+    out.square().sum().backward()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    tower = {n for n in trainable if n.startswith("tower.") and ".adapter." not in n}
+    adapters = {n for n in trainable if ".adapter." in n}
+    assert ("head.weight" in trainable) and all(model.get_parameter(n).grad is not None for n in trainable)
+    if kind == "full-finetune":
+        assert tower and not adapters
+    elif kind == "st-adapter":
+        assert not tower and len(adapters) == 6 * 2  # down, conv, up (weight + bias) in each of 2 blocks
+        assert model.get_parameter("tower.transformer.resblocks.0.adapter.up.weight").grad.abs().sum() > 0
+    else:
+        assert trainable == {"head.weight", "head.bias"}
+
+
+def test_st_adapter_is_the_frozen_tower_at_init():
+    """Zero-initialised up-projections: at init the adapted tower computes the plain tower's features."""
+    torch.manual_seed(0)
+    probe = create_baseline("linear-probe", "s4v_tiny", 5, 4).eval()
+    torch.manual_seed(0)
+    adapter = create_baseline("st-adapter", "s4v_tiny", 5, 4).eval()
+    sd = {k.replace(".block.", "."): v for k, v in adapter.state_dict().items() if ".adapter." not in k}
+    probe.load_state_dict(sd)
+    x = torch.randn(2, 4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(probe(x), adapter(x), atol=1e-6)
+
+
+def test_memory_bench_table(capsys, tmp_path):
+    out = tmp_path / "rows.json"
+    assert memory_main(["--models", "s4v_tiny", "--frames", "4", "--batch", "2", "--precision", "fp32",
+                        "--variants", "official-like,default,default+ckpt", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "s4v_tiny default" in text and "st-adapter (s4v_tiny)" in text and "linear-probe" in text
+    rows = {r["name"]: r for r in json.loads(out.read_text())}
+    default, ckpt = rows["s4v_tiny default"], rows["s4v_tiny default+ckpt"]
+    assert ckpt["saved"] < default["saved"] < rows["s4v_tiny official-like"]["saved"]
+    assert rows["linear-probe (s4v_tiny)"]["saved"] < default["saved"]
+    assert rows["full-finetune (s4v_tiny)"]["trainable"] > rows["st-adapter (s4v_tiny)"]["trainable"]
+
+
+def test_throughput_bench(capsys):
+    assert throughput_main(["--models", "s4v_tiny", "--frames", "4", "--batch", "2", "--steps", "1",
+                            "--variants", "default", "--baselines", "linear-probe", "--precision", "fp32"]) == 0
+    text = capsys.readouterr().out
+    assert "s4v_tiny default" in text and "linear-probe (s4v_tiny)" in text
+
+
+def test_cli_lists_the_benches():
+    out = subprocess.run([sys.executable, "-m", "s4v.cli.main", "bench", "memory", "--help"],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0 and "s4v bench memory" in out.stdout, out.stderr
+
+
+def test_gpu_script_dry_run_on_cpu(tmp_path):
+    """bench/gpu.sh's driver on the CPU with the tiny model: every row ends ok or recorded, table written."""
+    assert subprocess.run(["bash", "-n", str(ROOT / "bench" / "gpu.sh")]).returncode == 0
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_bench.py"), "--device", "cpu", "--models",
+                          "s4v_tiny", "--batch", "2", "--frames", "4", "--out", str(tmp_path)],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    data = json.loads((tmp_path / "gpu_bench.json").read_text())
+    assert [r["status"] for r in data["rows"]] == ["ok"] * 4
+    assert "| s4v_tiny default |" in (tmp_path / "gpu_bench.md").read_text()
