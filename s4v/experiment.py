@@ -6,6 +6,7 @@ from typing import Any, Literal, Optional
 
 from s4v.config import ConfigError, load_config
 from s4v.data.config import DataConfig
+from s4v.model.retrieval_specs import RETRIEVAL_MODELS
 from s4v.model.specs import MODELS, closest
 
 
@@ -20,8 +21,8 @@ class ModelConfig:
     overrides: dict[str, Any] = field(default_factory=dict)  # spec fields, e.g. {"side.width": 128}
 
     def validate(self) -> None:
-        if self.name not in MODELS:
-            raise ConfigError(f"model.name: unknown model {self.name!r}" + closest(self.name, MODELS))
+        if self.name not in MODELS and self.name not in RETRIEVAL_MODELS:
+            raise ConfigError(f"model.name: unknown model {self.name!r}" + closest(self.name, [*MODELS, *RETRIEVAL_MODELS]))
 
 
 @dataclass
@@ -69,22 +70,56 @@ class EngineConfig:
 
 
 @dataclass
+class RetrievalConfig:
+    """Text-video retrieval (task: retrieval; spec sections 5, 6.2, 7). `optim.lr` is the side-network lr."""
+
+    max_words: int = 32  # text tokens incl. SOT/EOT (longer captions are cut)
+    interaction: Literal["wti", "mean"] = "wti"  # WTI token-wise similarity, or mean-pooled cosine
+    freeze_text: bool = False  # True: text tower frozen, outside the engine; False: trained at clip_lr
+    clip_lr: float = 1e-7  # peak lr of the CLIP parts (text tower, ln_post/proj, temperature): 1e-4 x 1e-3
+    max_temperature: float = 100.0  # cap of exp(logit_scale)
+    no_decay_bias: bool = True  # no weight decay on parameters named *bias (the official BertAdam rule)
+    caption_sampling: Literal["cycle", "random"] = "cycle"  # caption per (video, epoch): see s4v/data/captions.py
+    eval_ties: Literal["pessimistic", "optimistic", "mean"] = "pessimistic"  # rank ties (s4v/eval/retrieval.py)
+    eval_block: int = 256  # texts x videos scored per block at evaluation
+
+    def validate(self) -> None:
+        if self.max_words < 3:
+            raise ConfigError(f"retrieval.max_words must be >= 3 (SOT, a word, EOT), got {self.max_words}")
+        if self.clip_lr < 0 or self.max_temperature <= 0 or self.eval_block < 1:
+            raise ConfigError("retrieval: clip_lr must be >= 0, max_temperature > 0 and eval_block >= 1")
+
+
+@dataclass
 class ExperimentConfig:
+    task: Literal["recognition", "retrieval"] = "recognition"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)  # used when task == "retrieval"
 
     def validate(self) -> None:
         if self.data.num_frames != self.model.num_frames:
             raise ConfigError(f"model.num_frames={self.model.num_frames} but data.num_frames="
                               f"{self.data.num_frames}: set both to the clip length")
+        from s4v.model.retrieval_specs import apply_retrieval_overrides, get_retrieval_spec
         from s4v.model.specs import apply_overrides, get_spec
 
+        retrieval_model = self.model.name in RETRIEVAL_MODELS
+        if self.task == "retrieval" and not retrieval_model:
+            raise ConfigError(f"task: retrieval needs a retrieval model (model.name one of "
+                              f"{', '.join(sorted(RETRIEVAL_MODELS))}), got {self.model.name!r}")
+        if self.task == "recognition" and retrieval_model:
+            raise ConfigError(f"model.name={self.model.name!r} is a retrieval model: set task: retrieval")
+        if self.task == "retrieval" and self.data.repeated_aug != 1:
+            raise ConfigError("task: retrieval takes one view per video (data.repeated_aug: 1): repeated "
+                              "copies of a video would be false negatives of each other")
         try:
-            spec = apply_overrides(get_spec(self.model.name), self.model.overrides)
+            spec = (apply_retrieval_overrides(get_retrieval_spec(self.model.name), self.model.overrides)
+                    if retrieval_model else apply_overrides(get_spec(self.model.name), self.model.overrides))
         except ValueError as err:
             raise ConfigError(f"model.overrides: {err}") from err
         if self.data.image_size != spec.backbone.image_size:

@@ -3,6 +3,9 @@
 PATH is a run directory (its `config.yaml` and exported `model_side_head.pt` are used) or an s4v
 model file (then CONFIG or `data.*` overrides say where the data is). Runs on one process or under
 torchrun / srun, with the evaluation split divided over ranks.
+
+Recognition models report top-1/top-5/mean class accuracy; retrieval models (a `task: retrieval` run or
+an s4v retrieval model file) report text-to-video and video-to-text R@1/5/10, median and mean rank.
 """
 from __future__ import annotations
 
@@ -47,6 +50,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from s4v.train.dist import init_distributed
 
     info = init_distributed(cfg.engine.backend)
+    from s4v.model.retrieval import is_retrieval_file
+
+    if cfg.task == "retrieval" or is_retrieval_file(model_file):
+        return _eval_retrieval(cfg, model_file, target, info)
     model = load_model(model_file, pretrained=cfg.model.pretrained, device=info.device,
                        backbone_dtype=cfg.model.backbone_dtype)
     loader = build_loader(cfg.data, cfg.data.val_split, train=False, rank=info.rank,
@@ -60,6 +67,46 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               f"  ({report['num_samples']} videos, {views})")
         summary = {k: report[k] for k in ("top1", "top5", "mean_class_acc", "num_samples")}
         summary.update(model=str(model_file), views=views, split=cfg.data.val_split)
+        if target.is_dir():
+            from s4v.fileio import atomic_write_bytes
+
+            atomic_write_bytes(target / "eval.json", json.dumps(summary, indent=1).encode())
+        print("RESULT_JSON " + json.dumps(summary, sort_keys=True))
+    return 0
+
+
+def _eval_retrieval(cfg, model_file, target, info) -> int:
+    import torch
+
+    from s4v.data.captions import CaptionBank
+    from s4v.data.loader import build_loader
+    from s4v.eval.retrieval import evaluate_retrieval
+    from s4v.model.retrieval import load_retrieval_model, tokenize
+
+    model = load_retrieval_model(model_file, pretrained=cfg.model.pretrained, device=info.device,
+                                 backbone_dtype=cfg.model.backbone_dtype)
+    loader = build_loader(cfg.data, cfg.data.val_split, train=False, rank=info.rank,
+                          world_size=info.world_size, device=info.device.type)
+    captions = CaptionBank.load(cfg.data.root, cfg.data.val_split)
+    max_words = cfg.retrieval.max_words
+
+    def encode_video(video):
+        return model.prepare_video(model.encode_video(video))
+
+    def encode_texts(texts):
+        ids = tokenize(texts, max_words).to(info.device)
+        return model.prepare_text(model.encode_text(ids)[0], ids)
+
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if info.device.type == "cuda" else None
+    with autocast or _null():
+        report = evaluate_retrieval(encode_video, encode_texts, loader, captions, info.device,
+                                    progress=info.is_main, ties=cfg.retrieval.eval_ties,
+                                    block=cfg.retrieval.eval_block)
+    if info.is_main:
+        line = "  ".join(f"{k} {report[k]:.2f}" for k in report if k.startswith(("t2v_", "v2t_")))
+        print(f"{line}  ({report['num_texts']} texts, {report['num_videos']} videos)")
+        summary = {k: v for k, v in report.items() if k != "keys"}
+        summary.update(model=str(model_file), split=cfg.data.val_split, ties=cfg.retrieval.eval_ties)
         if target.is_dir():
             from s4v.fileio import atomic_write_bytes
 

@@ -9,11 +9,13 @@ from torch import nn
 
 from .backbone import resolve_dtype
 from .classifier import Side4VideoClassifier
-from .specs import MODELS, ModelSpec, apply_overrides, get_spec
+from .specs import MODELS, ModelSpec, apply_overrides, closest, get_spec
 
 
 def list_models() -> list[str]:
-    return sorted(MODELS)
+    from .retrieval_specs import RETRIEVAL_MODELS
+
+    return sorted([*MODELS, *RETRIEVAL_MODELS])
 
 
 def materialize(module: nn.Module, device: torch.device | str) -> None:
@@ -48,20 +50,33 @@ def build_model(spec: ModelSpec, num_classes: int, num_frames: int, name: str = 
     return model
 
 
-def create_model(name: str, num_classes: int, num_frames: int = 8,
+def create_model(name: str, num_classes: Optional[int] = None, num_frames: Optional[int] = None,
                  pretrained: Optional[str | os.PathLike] = None, device=None,
-                 backbone_dtype: Optional[str | torch.dtype] = None, **overrides) -> Side4VideoClassifier:
-    """Build a Side4Video recognition model.
+                 backbone_dtype: Optional[str | torch.dtype] = None, **overrides) -> nn.Module:
+    """Build a Side4Video recognition model, or a retrieval model for the `s4v_retrieval_*` names.
 
     Args:
         name: one of `list_models()`.
-        num_classes: classifier outputs.
-        num_frames: frames per clip T.
+        num_classes: classifier outputs (recognition; ignored by retrieval models).
+        num_frames: frames per clip T (default 8 for recognition, 12 for retrieval).
         pretrained: local weights file of the image tower (open_clip, OpenAI or EVA-CLIP format);
-            None leaves the tower randomly initialised.
+            None leaves the tower randomly initialised. Retrieval models load both the image and the
+            text tower from it (a full CLIP checkpoint).
         device: where to build it; "meta" builds without memory (shapes and counts only).
         backbone_dtype: "fp32" / "fp16" / "bf16" (or a torch dtype) for the frozen tower.
-        **overrides: spec fields, e.g. `side_width=128`, `side.heads=2`, `backbone.image_size=256`.
+        **overrides: spec fields, e.g. `side_width=128`, `side.heads=2`, `backbone.image_size=256`;
+            retrieval models also take `text.<field>` and the keywords `interaction` ("wti" | "mean"),
+            `freeze_text` and `max_temperature` (see `s4v.model.retrieval.create_retrieval_model`).
     """
+    from .retrieval_specs import RETRIEVAL_MODELS
+
+    if name in RETRIEVAL_MODELS:
+        from .retrieval import create_retrieval_model
+
+        return create_retrieval_model(name, num_frames or 12, pretrained, device, backbone_dtype, **overrides)
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}" + closest(name, [*MODELS, *RETRIEVAL_MODELS]))
+    if num_classes is None:
+        raise ValueError(f"create_model({name!r}): num_classes is required for recognition models")
     spec = apply_overrides(get_spec(name), overrides) if overrides else get_spec(name)
-    return build_model(spec, num_classes, num_frames, name, pretrained, device, backbone_dtype)
+    return build_model(spec, num_classes, num_frames or 8, name, pretrained, device, backbone_dtype)

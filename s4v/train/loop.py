@@ -1,12 +1,13 @@
 """`train(cfg)`: the whole training run, top to bottom, and `train_step`.
 
 The frozen backbone runs outside the DeepSpeed engine under no_grad; the engine owns the side network
-and head. Checkpoints hold the exact data position and RNG states of every rank, so a resumed run
-continues exactly where the interrupted one stopped.
+and head (recognition) or the side network, heads and text tower (retrieval). What differs between the
+tasks (model, engine module, parameter groups, loss, evaluation, export) is in `s4v.train.tasks`.
+Checkpoints hold the exact data position and RNG states of every rank, so a resumed run continues
+exactly where the interrupted one stopped.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import random
@@ -17,22 +18,17 @@ from typing import Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
-import s4v
 from s4v.data.loader import build_loader
-from s4v.eval.evaluate import evaluate
 from s4v.experiment import ExperimentConfig
-from s4v.model.checkpoint_io import save_model
 from s4v.train import checkpoint
 from s4v.train.dist import (DistInfo, PreemptionFlag, all_reduce_max, barrier, broadcast_object,
                             init_distributed, requeue_slurm_job)
-from s4v.train.engine import (build_ds_config, initialize_engine, load_ds_json, param_groups,
-                              warmup_cosine)
-from s4v.train.metrics import Meter, MetricLogger, confusion_image, memory_stats
+from s4v.train.engine import build_ds_config, load_ds_json, warmup_cosine
+from s4v.train.metrics import Meter, MetricLogger, memory_stats
 from s4v.train.run_dir import default_run_name, write_run_description
-from s4v.train.sync_bn import convert_sync_token_bn
+from s4v.train.tasks import RecognitionTask, make_task, single_view  # noqa: F401 (single_view: public)
 
 log = logging.getLogger("s4v.train")
 
@@ -60,19 +56,8 @@ def setup_logging(run_dir: Optional[Path], rank: int) -> None:
 
 
 def build_training_model(cfg: ExperimentConfig, info: DistInfo):
-    m = cfg.model
-    model = s4v.create_model(m.name, m.num_classes, m.num_frames, pretrained=m.pretrained,
-                             device=info.device, backbone_dtype=m.backbone_dtype, **m.overrides)
-    model.set_grad_checkpointing(m.grad_checkpointing)
-    if cfg.train.sync_bn and info.world_size > 1:
-        convert_sync_token_bn(model.side)
-        convert_sync_token_bn(model.head)
-    return model
-
-
-def single_view(data_cfg):
-    """The data config of the quick during-training evaluation: one centre crop, one clip."""
-    return dataclasses.replace(data_cfg, test_crops=1, test_clips=1)
+    """The recognition model of `cfg` (the task's `build_model` in general)."""
+    return RecognitionTask(cfg).build_model(info)
 
 
 class Trainer:
@@ -88,7 +73,8 @@ class Trainer:
         setup_logging(self.run_dir, info.rank)
         self.ckpt_dir = self.run_dir / "checkpoints"
 
-        self.model = build_training_model(cfg, info)
+        self.task = make_task(cfg)
+        self.model = self.task.build_model(info)
         d = cfg.data
         self.train_loader = build_loader(d, d.train_split, train=True, rank=info.rank,
                                          world_size=info.world_size, epoch=0, device=info.device.type)
@@ -103,10 +89,8 @@ class Trainer:
             grad_accum=cfg.train.grad_accum, world_size=info.world_size, grad_clip=cfg.optim.grad_clip,
             lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
             weight_decay=cfg.optim.weight_decay, device_type=info.device.type)
-        groups = param_groups(self.model.trainable_modules(), cfg.optim.weight_decay,
-                              cfg.optim.no_decay_norm_bias)
-        self.engine, self.optimizer, self.scheduler = initialize_engine(
-            self.model, ds_config, groups, warmup_cosine(total, warmup, cfg.optim.min_lr_ratio))
+        self.engine, self.optimizer, self.scheduler = self.task.initialize(
+            self, ds_config, warmup_cosine(total, warmup, cfg.optim.min_lr_ratio))
         if info.is_main:
             write_run_description(self.run_dir, cfg, ds_config, argv)
         self.logger = MetricLogger(self.run_dir, enabled=info.is_main)
@@ -116,19 +100,12 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------- steps
     def forward(self, video: torch.Tensor) -> torch.Tensor:
-        taps = self.model.backbone(video.flatten(0, 1))  # no_grad, frozen tower dtype
-        return self.engine(video, taps)
+        """Recognition logits of `video` (frozen tower outside the engine, then the engine)."""
+        return self.task.forward(self, video)
 
     def train_step(self, batch: dict) -> Optional[float]:
         """One micro-batch: forward, loss, backward, (boundary) optimizer step. None if skipped."""
-        video = batch["video"].to(self.info.device, non_blocking=True)
-        labels = batch["label"].to(self.info.device, non_blocking=True)
-        valid = batch["valid"].to(self.info.device) if "valid" in batch else torch.ones_like(labels, dtype=torch.bool)
-        logits = self.forward(video)
-        # Slots of samples that failed to decode hold copies of good ones; they do not count.
-        losses = F.cross_entropy(logits.float(), labels, label_smoothing=self.cfg.optim.label_smoothing,
-                                 reduction="none")
-        loss = (losses * valid).sum() / valid.sum().clamp_min(1)
+        loss = self.task.loss(self, batch)
         if all_reduce_max(0.0 if torch.isfinite(loss).item() else 1.0) > 0:  # all ranks skip together
             self.nonfinite_in_a_row += 1
             self.nonfinite_total += 1
@@ -176,22 +153,8 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------- evaluation
     def evaluate(self, full_views: bool) -> dict:
-        d = self.cfg.data if full_views else single_view(self.cfg.data)
-        loader = build_loader(d, d.val_split, train=False, rank=self.info.rank,
-                              world_size=self.info.world_size, epoch=0, device=self.info.device.type)
-        self.engine.eval()
-        try:
-            report = evaluate(self.forward, loader, self.cfg.model.num_classes, self.info.device,
-                              progress=self.info.is_main)
-        finally:
-            self.engine.train()
-        prefix = "val" if full_views else "val_single"
-        self.logger.log(self.step, {f"{prefix}/top1": report["top1"], f"{prefix}/top5": report["top5"],
-                                    f"{prefix}/mean_class_acc": report["mean_class_acc"]})
-        self.logger.image(f"{prefix}/confusion", confusion_image(report["confusion"]), self.step)
-        log.info("%s at step %d: top1 %.4f top5 %.4f mean-class %.4f (%d clips)", prefix, self.step,
-                 report["top1"], report["top5"], report["mean_class_acc"], report["num_samples"])
-        return report
+        """Evaluate on `data.val_split` (all views, or one centre view) and log; the task's report."""
+        return self.task.evaluate(self, full_views)
 
     # ------------------------------------------------------------------------------------------ loop
     def fit(self) -> dict:
@@ -236,7 +199,8 @@ class Trainer:
             if loader.epoch > self.epoch or loader.batches_done >= len(loader):  # epoch complete
                 self.epoch += 1
                 if cfg.eval.every_epochs and self.epoch % cfg.eval.every_epochs == 0:
-                    self.best_top1 = max(self.evaluate(full_views=cfg.eval.during_training_views == "full")["top1"],
+                    report = self.evaluate(full_views=cfg.eval.during_training_views == "full")
+                    self.best_top1 = max(report[self.task.metric],  # top1, or T2V R@1 for retrieval
                                          self.best_top1 if not math.isnan(self.best_top1) else -1.0)
             self.save()
         result = {"status": status, "epoch": self.epoch, "step": self.step, "run_dir": str(self.run_dir),
@@ -247,8 +211,7 @@ class Trainer:
             return result
         if cfg.eval.at_end:
             report = self.evaluate(full_views=True)
-            result.update(val_top1=report["top1"], val_top5=report["top5"],
-                          val_mean_class_acc=report["mean_class_acc"])
+            result.update(self.task.result_fields(report))
         if cfg.train.export:
             self.export()
         self.logger.flush()
@@ -267,25 +230,9 @@ class Trainer:
         self.logger.log(self.step, values)
 
     def export(self) -> Optional[Path]:
-        """The side network + head alone (fp32 master weights), for release; rank 0 writes it.
-        Loading it needs the tower's weights file too (`load_model(path, pretrained=...)`)."""
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        barrier()
-        path = self.run_dir / "model_side_head.pt"
-        if self.info.is_main:
-            tag = checkpoint.latest_tag(self.ckpt_dir)
-            sd = get_fp32_state_dict_from_zero_checkpoint(str(self.ckpt_dir), tag=tag)
-            self.model.load_state_dict(
-                {**{k: v for k, v in self.model.state_dict().items() if k.startswith("backbone.")},
-                 **{k: v.float() for k, v in sd.items()},
-                 **{k: v for k, v in self.engine.module.state_dict().items() if "running" in k
-                    or "num_batches_tracked" in k}}, strict=False)
-            # A randomly initialised tower cannot be rebuilt from a file: keep it in the export then.
-            save_model(self.model, path, include_backbone=self.cfg.model.pretrained is None)
-            log.info("exported side network + head to %s", path)
-        barrier()
-        return path
+        """The trained model without the frozen tower (fp32 master weights), for release; rank 0 writes
+        `model_side_head.pt`. Loading it needs the tower's weights file too (unless the tower was random)."""
+        return self.task.export(self)
 
 
 def _grad_norm(engine) -> Optional[float]:

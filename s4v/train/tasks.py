@@ -1,0 +1,379 @@
+"""What differs between the training tasks, behind one small interface used by `loop.Trainer`.
+
+A task builds the model, says which modules DeepSpeed owns and with which parameter groups, computes
+the loss of a batch, evaluates, and exports. `recognition` is the classifier of spec 2 (its code moved
+here unchanged); `retrieval` is the text-video model of spec 5:
+
+- DeepSpeed owns the side network, the video head (post BN3d + zero-init `side_proj`), the tower's
+  final norm/projection, the WTI heads, the temperature and, unless `retrieval.freeze_text`, the text
+  tower. The frozen image tower (and a frozen text tower) run outside it under no_grad.
+- Loss: symmetric InfoNCE over the *global* batch. Every rank gathers all ranks' prepared features
+  with `gather_with_grad` (backward: all-reduce of the gradient, then this rank's slice), so that
+  with DeepSpeed's gradient averaging the update is exactly the gradient of the global loss.
+  Samples that failed to decode (`valid` False: copies of other samples) and videos without captions
+  are left out of the loss, as queries and as negatives.
+- Parameter groups: `optim.lr` for side/video head/WTI heads, `retrieval.clip_lr` for the CLIP parts;
+  weight decay `optim.weight_decay` except on `*bias` (`retrieval.no_decay_bias`).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+import s4v
+from s4v.experiment import ExperimentConfig
+from s4v.train.dist import DistInfo, barrier
+
+log = logging.getLogger("s4v.train")
+
+
+def single_view(data_cfg):
+    """The data config of the quick during-training evaluation: one centre crop, one clip."""
+    import dataclasses
+
+    return dataclasses.replace(data_cfg, test_crops=1, test_clips=1)
+
+
+def _deepspeed_initialize(module: nn.Module, ds_config: dict, groups: list[dict], lr_lambda: Callable[[int], float]):
+    import deepspeed
+
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=module, model_parameters=groups, config=ds_config,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda), dist_init_required=False)
+    return engine, optimizer, scheduler
+
+
+# =========================================================================================== recognition
+class RecognitionTask:
+    name = "recognition"
+    metric = "top1"  # what `best_top1` tracks
+
+    def __init__(self, cfg: ExperimentConfig):
+        self.cfg = cfg
+
+    def build_model(self, info: DistInfo):
+        from s4v.train.sync_bn import convert_sync_token_bn
+
+        m = self.cfg.model
+        model = s4v.create_model(m.name, m.num_classes, m.num_frames, pretrained=m.pretrained,
+                                 device=info.device, backbone_dtype=m.backbone_dtype, **m.overrides)
+        model.set_grad_checkpointing(m.grad_checkpointing)
+        if self.cfg.train.sync_bn and info.world_size > 1:
+            convert_sync_token_bn(model.side)
+            convert_sync_token_bn(model.head)
+        return model
+
+    def initialize(self, trainer, ds_config: dict, lr_lambda):
+        from s4v.train.engine import initialize_engine, param_groups
+
+        o = self.cfg.optim
+        groups = param_groups(trainer.model.trainable_modules(), o.weight_decay, o.no_decay_norm_bias)
+        return initialize_engine(trainer.model, ds_config, groups, lr_lambda)
+
+    def forward(self, trainer, video: torch.Tensor) -> torch.Tensor:
+        taps = trainer.model.backbone(video.flatten(0, 1))  # no_grad, frozen tower dtype
+        return trainer.engine(video, taps)
+
+    def loss(self, trainer, batch: dict) -> torch.Tensor:
+        device = trainer.info.device
+        video = batch["video"].to(device, non_blocking=True)
+        labels = batch["label"].to(device, non_blocking=True)
+        valid = batch["valid"].to(device) if "valid" in batch else torch.ones_like(labels, dtype=torch.bool)
+        logits = self.forward(trainer, video)
+        # Slots of samples that failed to decode hold copies of good ones; they do not count.
+        losses = F.cross_entropy(logits.float(), labels, label_smoothing=self.cfg.optim.label_smoothing,
+                                 reduction="none")
+        return (losses * valid).sum() / valid.sum().clamp_min(1)
+
+    def after_step(self, trainer) -> None:
+        pass
+
+    def evaluate(self, trainer, full_views: bool) -> dict:
+        from s4v.data.loader import build_loader
+        from s4v.eval.evaluate import evaluate
+        from s4v.train.metrics import confusion_image
+
+        cfg, info = self.cfg, trainer.info
+        d = cfg.data if full_views else single_view(cfg.data)
+        loader = build_loader(d, d.val_split, train=False, rank=info.rank, world_size=info.world_size, epoch=0,
+                              device=info.device.type)
+        trainer.engine.eval()
+        try:
+            report = evaluate(lambda v: self.forward(trainer, v), loader, cfg.model.num_classes, info.device,
+                              progress=info.is_main)
+        finally:
+            trainer.engine.train()
+        prefix = "val" if full_views else "val_single"
+        trainer.logger.log(trainer.step, {f"{prefix}/top1": report["top1"], f"{prefix}/top5": report["top5"],
+                                          f"{prefix}/mean_class_acc": report["mean_class_acc"]})
+        trainer.logger.image(f"{prefix}/confusion", confusion_image(report["confusion"]), trainer.step)
+        log.info("%s at step %d: top1 %.4f top5 %.4f mean-class %.4f (%d clips)", prefix, trainer.step,
+                 report["top1"], report["top5"], report["mean_class_acc"], report["num_samples"])
+        return report
+
+    def result_fields(self, report: dict) -> dict:
+        return {"val_top1": report["top1"], "val_top5": report["top5"],
+                "val_mean_class_acc": report["mean_class_acc"]}
+
+    def export(self, trainer) -> Optional[Path]:
+        from s4v.model.checkpoint_io import save_model
+
+        return _export(trainer, lambda path: save_model(trainer.model, path,
+                                                        include_backbone=self.cfg.model.pretrained is None))
+
+
+def _export(trainer, save: Callable[[Path], None]) -> Path:
+    """Rebuild the model from the latest checkpoint's fp32 master weights (+ BN statistics) and save it
+    (rank 0). Loading it needs the tower's weights file too unless the tower was random."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from s4v.train import checkpoint
+
+    barrier()
+    path = trainer.run_dir / "model_side_head.pt"
+    if trainer.info.is_main:
+        tag = checkpoint.latest_tag(trainer.ckpt_dir)
+        sd = get_fp32_state_dict_from_zero_checkpoint(str(trainer.ckpt_dir), tag=tag)
+        model = trainer.model
+        model.load_state_dict(
+            {**{k: v for k, v in model.state_dict().items() if k.startswith("backbone.")},
+             **{k: v.float() for k, v in sd.items()},
+             **{k: v for k, v in trainer.engine.module.state_dict().items() if "running" in k
+                or "num_batches_tracked" in k}}, strict=False)
+        save(path)
+        log.info("exported the trained model to %s", path)
+    barrier()
+    return path
+
+
+# ============================================================================================ retrieval
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather along dim 0 (equal sizes on every rank); backward sums the gradient over ranks
+    (each rank computed the same global loss) and returns this rank's slice. Works on gloo and NCCL."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        world, rank = dist.get_world_size(), dist.get_rank()
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rank, ctx.n = rank, x.shape[0]
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n]
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    return _GatherWithGrad.apply(x)
+
+
+def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    send = x.to(torch.uint8) if x.dtype == torch.bool else x.contiguous()
+    parts = [torch.empty_like(send) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, send)
+    out = torch.cat(parts, dim=0)
+    return out.bool() if x.dtype == torch.bool else out
+
+
+def contrastive_loss(logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE (CLIP4Clip `CrossEn` on logits and logits.T) over the valid pairs; text i
+    matches video i. Invalid rows and columns take no part."""
+    idx = valid.nonzero().view(-1)
+    if idx.numel() == 0:
+        return logits.sum() * 0.0
+    sub = logits.float()[idx][:, idx]
+    target = torch.arange(idx.numel(), device=sub.device)
+    return (F.cross_entropy(sub, target) + F.cross_entropy(sub.t(), target)) / 2
+
+
+class RetrievalEngineModule(nn.Module):
+    """What DeepSpeed owns for retrieval (see the module doc). `forward(op, ...)`:
+
+    - `"loss", video, taps, ids, valid` -> global symmetric InfoNCE (scalar);
+    - `"video", video, taps` -> prepared `VideoEmbedding`;
+    - `"text", ids` -> prepared `TextEmbedding`.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.side, self.video_head, self.visual_proj = model.side, model.video_head, model.visual_proj
+        self.interaction, self.temperature = model.interaction, model.temperature
+        if model.freeze_text:
+            self.text = None
+            self._frozen_text = [model.text]  # a list: not a submodule, so not DeepSpeed's
+        else:
+            self.text = model.text
+            self._frozen_text = []
+
+    def _text_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        from s4v.model.retrieval import text_token_features
+
+        if self.text is not None:
+            return text_token_features(self.text, ids)[0]
+        with torch.no_grad():
+            return text_token_features(self._frozen_text[0], ids)[0]
+
+    def video(self, video: torch.Tensor, taps):
+        from s4v.model.retrieval import video_embeddings
+
+        frames = video_embeddings(self.side, self.video_head, self.visual_proj, video, taps)
+        return self.interaction.prepare_video(frames)
+
+    def text_embedding(self, ids: torch.Tensor):
+        return self.interaction.prepare_text(self._text_tokens(ids), ids != 0, ids.argmax(dim=-1))
+
+    def loss(self, video: torch.Tensor, taps, ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        from s4v.model.wti import TextEmbedding, VideoEmbedding, token_wise_score
+
+        v = self.video(video, taps)
+        t = self.text_embedding(ids)
+        v_all = VideoEmbedding(gather_with_grad(v.feats), gather_with_grad(v.weights))
+        t_all = TextEmbedding(gather_with_grad(t.feats), gather_no_grad(t.mask), gather_with_grad(t.weights))
+        logits = self.temperature() * token_wise_score(t_all, v_all)
+        return contrastive_loss(logits, gather_no_grad(valid))
+
+    def forward(self, op: str, *args):
+        if op == "loss":
+            return self.loss(*args)
+        if op == "video":
+            return self.video(*args)
+        if op == "text":
+            return self.text_embedding(*args)
+        raise ValueError(f"unknown op {op!r}")
+
+
+def retrieval_param_groups(model, lr: float, clip_lr: float, weight_decay: float, no_decay_bias: bool) -> list[dict]:
+    """Side-rate (`lr`): side network, video head, WTI heads. CLIP-rate (`clip_lr`): the tower's final
+    norm/projection, the temperature and the text tower (if trained). Biases without decay (optional)."""
+    parts = model.trainable_modules()
+    side_parts, clip_parts = ("side", "video_head", "interaction"), ("visual_proj", "temperature", "text")
+    groups = []
+    for names, group_lr in ((side_parts, lr), (clip_parts, clip_lr)):
+        decay, no_decay = [], []
+        for part in names:
+            if part not in parts:
+                continue
+            for pname, p in parts[part].named_parameters():
+                if p.requires_grad:
+                    (no_decay if no_decay_bias and pname.endswith("bias") else decay).append(p)
+        for params, wd in ((decay, weight_decay), (no_decay, 0.0)):
+            if params:
+                groups.append({"params": params, "weight_decay": wd, "lr": group_lr})
+    return groups
+
+
+class RetrievalTask:
+    name = "retrieval"
+    metric = "t2v_r1"
+
+    def __init__(self, cfg: ExperimentConfig):
+        self.cfg = cfg
+        self._captions: dict[str, Any] = {}
+
+    def captions(self, split: str):
+        from s4v.data.captions import CaptionBank
+
+        if split not in self._captions:
+            self._captions[split] = CaptionBank.load(self.cfg.data.root, split)
+            bank = self._captions[split]
+            log.info("captions of %s: %d videos, %d captions", split, len(bank), bank.num_captions)
+        return self._captions[split]
+
+    def build_model(self, info: DistInfo):
+        from s4v.train.sync_bn import convert_sync_token_bn
+
+        m, r = self.cfg.model, self.cfg.retrieval
+        model = s4v.create_model(m.name, num_frames=m.num_frames, pretrained=m.pretrained, device=info.device,
+                                 backbone_dtype=m.backbone_dtype, interaction=r.interaction,
+                                 freeze_text=r.freeze_text, max_temperature=r.max_temperature, **m.overrides)
+        model.set_grad_checkpointing(m.grad_checkpointing)
+        if self.cfg.train.sync_bn and info.world_size > 1:
+            convert_sync_token_bn(model.side)
+            convert_sync_token_bn(model.video_head)
+        self.captions(self.cfg.data.train_split)
+        return model
+
+    def initialize(self, trainer, ds_config: dict, lr_lambda):
+        o, r = self.cfg.optim, self.cfg.retrieval
+        stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+        if stage == 3:
+            raise ValueError("task: retrieval supports ZeRO stages 0-2 (the evaluation scores embeddings on "
+                             "each rank); use e.g. ds_configs/zero2_bf16.json")
+        groups = retrieval_param_groups(trainer.model, o.lr, r.clip_lr, o.weight_decay, r.no_decay_bias)
+        return _deepspeed_initialize(RetrievalEngineModule(trainer.model), ds_config, groups, lr_lambda)
+
+    def tokenize(self, texts, device) -> torch.Tensor:
+        from s4v.model.retrieval import tokenize
+
+        return tokenize(texts, self.cfg.retrieval.max_words).to(device)
+
+    def loss(self, trainer, batch: dict) -> torch.Tensor:
+        device = trainer.info.device
+        video = batch["video"].to(device, non_blocking=True)
+        keys = list(batch["key"])
+        texts = self.captions(self.cfg.data.train_split).pick(keys, trainer.epoch, self.cfg.data.seed,
+                                                              self.cfg.retrieval.caption_sampling)
+        valid = batch["valid"].clone() if "valid" in batch else torch.ones(len(keys), dtype=torch.bool)
+        valid &= torch.tensor([bool(t) for t in texts])
+        ids = self.tokenize(texts, device)
+        taps = trainer.model.backbone(video.flatten(0, 1))  # no_grad, frozen tower dtype
+        return trainer.engine("loss", video, taps, ids, valid.to(device))
+
+    def after_step(self, trainer) -> None:
+        pass  # the temperature cap is applied where the scale is used (Temperature.forward)
+
+    def evaluate(self, trainer, full_views: bool) -> dict:
+        from s4v.data.loader import build_loader
+        from s4v.eval.retrieval import evaluate_retrieval
+
+        cfg, info = self.cfg, trainer.info
+        d = cfg.data if full_views else single_view(cfg.data)
+        loader = build_loader(d, d.val_split, train=False, rank=info.rank, world_size=info.world_size, epoch=0,
+                              device=info.device.type)
+        engine, model = trainer.engine, trainer.model
+        engine.eval()
+        try:
+            report = evaluate_retrieval(
+                lambda v: engine("video", v, model.backbone(v.flatten(0, 1))),
+                lambda texts: engine("text", self.tokenize(texts, info.device)),
+                loader, self.captions(d.val_split), info.device, progress=info.is_main,
+                ties=cfg.retrieval.eval_ties, block=cfg.retrieval.eval_block)
+        finally:
+            engine.train()
+        prefix = "val" if full_views else "val_single"
+        log_retrieval(trainer.logger, trainer.step, prefix, report)
+        return report
+
+    def result_fields(self, report: dict) -> dict:
+        return {f"val_{k}": v for k, v in report.items() if k.startswith(("t2v_", "v2t_"))}
+
+    def export(self, trainer) -> Optional[Path]:
+        from s4v.model.retrieval import save_retrieval_model
+
+        return _export(trainer, lambda path: save_retrieval_model(
+            trainer.model, path, include_backbone=self.cfg.model.pretrained is None))
+
+
+def log_retrieval(logger, step: int, prefix: str, report: dict) -> None:
+    logger.log(step, {f"{prefix}/{k}": v for k, v in report.items() if k.startswith(("t2v_", "v2t_"))})
+    log.info("%s at step %d: T2V R@1 %.1f R@5 %.1f R@10 %.1f MdR %.1f MnR %.1f | V2T R@1 %.1f R@5 %.1f R@10 %.1f "
+             "MdR %.1f MnR %.1f (%d texts, %d videos)", prefix, step,
+             *(report[f"{d}_{m}"] for d in ("t2v", "v2t") for m in ("r1", "r5", "r10", "medr", "meanr")),
+             report["num_texts"], report["num_videos"])
+
+
+def make_task(cfg: ExperimentConfig):
+    return RetrievalTask(cfg) if cfg.task == "retrieval" else RecognitionTask(cfg)
