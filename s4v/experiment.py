@@ -52,6 +52,7 @@ class TrainConfig:
     log_every_steps: int = 10
     sync_bn: bool = True  # BatchNorm statistics over all ranks
     max_nonfinite_steps: int = 20  # stop after this many consecutive NaN/inf losses
+    max_skip_fraction: float = 0.05  # stop if more than this share of training samples cannot be read
     deterministic: bool = False  # torch deterministic algorithms (slower; for exact-resume checks)
     export: bool = True  # write the side network + head (no backbone) at the end
 

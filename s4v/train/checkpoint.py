@@ -23,6 +23,10 @@ log = logging.getLogger(__name__)
 COMPLETE = "COMPLETE"
 
 
+class CheckpointError(RuntimeError):
+    pass
+
+
 def rng_state() -> dict[str, Any]:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -65,7 +69,11 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict[str, Any], rank_s
     """Save on every rank; `rank_state` (data position, RNG) is gathered so each rank gets its own back."""
     tag = tag_for(step)
     state = dict(client_state, rank_states=all_gather_object(rank_state))
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=state, save_latest=False)
+    try:
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=state, save_latest=False)
+    except BaseException:
+        shutil.rmtree(ckpt_dir / tag, ignore_errors=True)  # never leave a partial folder behind
+        raise
     barrier()
     if engine.global_rank == 0:
         atomic_write_bytes(ckpt_dir / tag / COMPLETE, b"ok\n")

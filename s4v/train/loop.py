@@ -37,6 +37,10 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+class DataSkipError(RuntimeError):
+    pass
+
+
 def seed_everything(seed: int, deterministic: bool = False) -> None:
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)
@@ -96,6 +100,7 @@ class Trainer:
         self.logger = MetricLogger(self.run_dir, enabled=info.is_main)
         self.epoch, self.step, self.best_top1 = 0, 0, float("nan")
         self.nonfinite_in_a_row = self.nonfinite_total = 0
+        self.samples_seen = 0  # training samples delivered by this process (for the skip check)
         self.preempt = PreemptionFlag()
 
     # ----------------------------------------------------------------------------------------- steps
@@ -103,8 +108,22 @@ class Trainer:
         """Recognition logits of `video` (frozen tower outside the engine, then the engine)."""
         return self.task.forward(self, video)
 
+    def check_skipped(self, batch: dict) -> None:
+        """Counted skips are fine; a loader that drops a large share of the data is not (a codec the
+        decoder cannot read, a broken mount): stop with the reasons instead of training on nothing."""
+        valid = batch.get("valid")
+        self.samples_seen += int(valid.sum()) if valid is not None else len(batch.get("key", ()))
+        skipped = self.train_loader.skipped
+        limit = self.cfg.train.max_skip_fraction
+        if skipped >= 16 and skipped > limit * (self.samples_seen + skipped):
+            reasons = getattr(self.train_loader, "skipped_keys", [])[:5]
+            raise DataSkipError(
+                f"{skipped} of {self.samples_seen + skipped} training samples could not be read "
+                f"(more than train.max_skip_fraction={limit}); first reasons: {reasons}")
+
     def train_step(self, batch: dict) -> Optional[float]:
         """One micro-batch: forward, loss, backward, (boundary) optimizer step. None if skipped."""
+        self.check_skipped(batch)
         loss = self.task.loss(self, batch)
         if all_reduce_max(0.0 if torch.isfinite(loss).item() else 1.0) > 0:  # all ranks skip together
             self.nonfinite_in_a_row += 1
@@ -126,8 +145,14 @@ class Trainer:
         client = {"epoch": self.epoch, "step": self.step, "best_top1": self.best_top1,
                   "nonfinite_total": self.nonfinite_total}
         rank_state = {"loader": self.train_loader.state_dict(), "rng": checkpoint.rng_state()}
-        tag = checkpoint.save(self.engine, self.ckpt_dir, self.step, client, rank_state,
-                              self.cfg.train.keep_checkpoints)
+        try:
+            tag = checkpoint.save(self.engine, self.ckpt_dir, self.step, client, rank_state,
+                                  self.cfg.train.keep_checkpoints)
+        except OSError as err:  # full disk, quota, permissions: keep the last good checkpoint
+            previous = checkpoint.latest_tag(self.ckpt_dir)
+            raise checkpoint.CheckpointError(
+                f"could not write checkpoint {checkpoint.tag_for(self.step)} in {self.ckpt_dir}: {err}. "
+                f"The previous checkpoint ({previous or 'none'}) is intact; free space and resume.") from err
         log.info("saved checkpoint %s", self.ckpt_dir / tag)
 
     def maybe_resume(self) -> None:
