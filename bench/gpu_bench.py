@@ -68,6 +68,28 @@ def run_row(label, name, overrides, ckpt, batch, frames, device, size, flops, pe
     return dict(row=label, model=name, batch=0, status="OOM")
 
 
+def run_row_in_subprocess(a, label, name, overrides, ckpt, size, flops) -> dict:
+    """Each row in a fresh process, so that nothing a row allocated (or its allocator's cache, or a
+    tracker's references) can raise the next row's peak; the first GPU run without this saw peaks
+    grow row after row."""
+    job = json.dumps(dict(label=label, name=name, overrides=overrides, ckpt=ckpt, batch=a.batch, frames=a.frames,
+                          device=a.device, size=size, flops=flops, peak_tflops=a.peak_tflops))
+    import subprocess
+
+    try:
+        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--row", job], capture_output=True,
+                              text=True, timeout=max(30.0, a.budget_s))
+    except subprocess.TimeoutExpired:
+        return dict(row=label, model=name, status="error: row timed out")
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("ROW ")]
+    if not lines:
+        return dict(row=label, model=name, status=f"error: exit {proc.returncode}: {proc.stderr[-300:]}")
+    for x in proc.stdout.splitlines():
+        if "OOM at batch" in x:
+            print(x, flush=True)
+    return json.loads(lines[-1][4:])
+
+
 def to_markdown(rows, info):
     lines = [f"GPU: {info['gpu']}; torch {info['torch']}; {info['frames']} frames, bf16 autocast, frozen tower "
              "in bf16, random weights; AdamW.", "",
@@ -90,6 +112,16 @@ def to_markdown(rows, info):
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--row"]:  # child process: one row, printed as `ROW {json}`
+        job = json.loads(argv[1])
+        if job["device"] == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        r = run_row(job["label"], job["name"], job["overrides"], job["ckpt"], job["batch"], job["frames"],
+                    job["device"], job["size"], job["flops"], job["peak_tflops"])
+        print("ROW " + json.dumps(r), flush=True)
+        return 0
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=os.environ.get("OUT", "bench/out"))
     p.add_argument("--device", default="cuda")
@@ -132,7 +164,7 @@ def main(argv=None) -> int:
                 rows.append(dict(row=label, model=name, status="skipped: time budget"))
                 continue
             t0 = time.time()
-            r = run_row(label, name, overrides, ckpt, a.batch, a.frames, a.device, size, flops, a.peak_tflops)
+            r = run_row_in_subprocess(a, label, name, overrides, ckpt, size, flops)
             r["row_s"] = time.time() - t0
             rows.append(r)
             print(json.dumps(r), flush=True)

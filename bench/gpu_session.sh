@@ -4,7 +4,9 @@
 #          (PyAV loader over H.264 shards).
 #   part2: after DALI is unpacked into $S4V_SITE: the DALI `mixed` (NVDEC) tests, a 1-GPU training run
 #          on DALI-decoded H.264 shards, and the loader table (PyAV vs DALI GPU).
-# Python packages come from $S4V_SITE (wheels carried to the machine; see the device notes).
+# Python packages come from $S4V_SITE (wheels carried to the machine; see the device notes). DALI needs,
+# besides nvidia/dali, nvimgcodec and libnvcomp: optree, astunparse, gast, libcst, makefun, nvtx and the
+# top-level `wds2idx` module (the loader tests index their shards with `python -m wds2idx`).
 set -u
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/out}"
@@ -22,7 +24,7 @@ train_smoke() {  # $1 run name, $2 loader, $3 shards
   timeout 240 $PY -m s4v.train ds_configs/experiments/demo_tiny.yaml "data.root=$3" "data.loader=$2" \
     data.device=gpu data.num_workers=4 engine.ds_config=ds_configs/zero2_bf16.json \
     model.backbone_dtype=bf16 train.epochs=3 eval.every_epochs=1 train.output_dir=/tmp/s4v_runs \
-    "train.run_name=$1" train.log_every_steps=20 2>&1 | grep -v -i "warn" | tail -n 25
+    "train.run_name=$1" train.log_every_steps=20 2>&1 | grep -v "it/s" | grep -v "FutureWarning\|warnings.warn" | tail -n 40
   grep -h '"perf/clips_per_s"' "/tmp/s4v_runs/$1/metrics.jsonl" | tail -n 2
 }
 

@@ -113,7 +113,7 @@ def write_split(root: Path, split: str, shards: list[list[Spec]], idx: bool = Fa
             with open(root / name, "r+b") as f:
                 f.truncate(m.offset_data + m.size // 2)
         if idx:
-            subprocess.run([str(Path(sys.executable).parent / "wds2idx"), str(root / name),
+            subprocess.run([sys.executable, "-m", "wds2idx", str(root / name),
                             str((root / name).with_suffix(".idx"))], check=True, capture_output=True)
         infos.append(ShardInfo(name=name, samples=len(specs), duration=sum(s.frames for s in specs) / 25,
                                class_counts=counts))
