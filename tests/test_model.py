@@ -153,6 +153,9 @@ def test_info_command():
     bad = subprocess.run([sys.executable, "-m", "s4v.cli.main", "info", "s4v_b61"], capture_output=True,
                          text=True)
     assert bad.returncode == 2 and "did you mean 's4v_b16'" in bad.stderr
+    out = subprocess.run([sys.executable, "-m", "s4v.cli.main", "info", "s4v_retrieval_b32"], capture_output=True,
+                         text=True, check=True).stdout
+    assert "12 frames" in out and "video encoder" in out
 
 
 def test_frame_mean_variant_ignores_frame_order():

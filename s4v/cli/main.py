@@ -10,36 +10,47 @@ def _fmt_params(n: int) -> str:
     return f"{n:,} ({n / 1e6:.1f} M)"
 
 
-def cmd_list(args: argparse.Namespace) -> int:
+def _all_specs() -> dict:
+    from s4v.model.retrieval_specs import RETRIEVAL_MODELS
     from s4v.model.specs import MODELS
 
-    width = max(len(n) for n in MODELS)
-    for name in sorted(MODELS):
-        print(f"{name:<{width}}  {MODELS[name].description}")
+    return {**MODELS, **RETRIEVAL_MODELS}
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    specs = _all_specs()
+    width = max(len(n) for n in specs)
+    for name in sorted(specs):
+        print(f"{name:<{width}}  {specs[name].description}")
     return 0
 
 
 def cmd_info(args: argparse.Namespace) -> int:
     import s4v
     from s4v.model.flops import model_stats
+    from s4v.model.retrieval_specs import RETRIEVAL_MODELS
 
     names = s4v.list_models() if args.name == "all" else [args.name]
     for name in names:
-        model = s4v.create_model(name, args.num_classes, args.num_frames, device="meta")
+        retrieval = name in RETRIEVAL_MODELS
+        frames = args.num_frames if args.num_frames is not None else (12 if retrieval else 8)
+        model = s4v.create_model(name, None if retrieval else args.num_classes, frames, device="meta")
         st = model_stats(model)
         bb, side = model.spec.backbone, model.spec.side
         taps = side.tap_layers(bb.layers)
         print(f"{name}: {model.spec.description}")
         print(f"  backbone      {bb.family} {bb.open_clip_name}  width {bb.width}, {bb.layers} layers, "
               f"{bb.heads} heads, patch {bb.patch_size}, {bb.image_size}px")
-        print(f"  side network  width {side.width}, {side.num_heads} heads, {len(taps)} blocks "
-              f"({'every layer' if side.tap_every == 1 else f'every {side.tap_every}th layer'}), "
+        where = "every layer" if side.tap_every == 1 else f"after layers {taps[0]},{taps[1]},..,{taps[-1]}"
+        print(f"  side network  width {side.width}, {side.num_heads} heads, {len(taps)} blocks ({where}), "
               f"{side.block_norm}-norm")
-        print(f"  clip          {args.num_frames} frames, {args.num_classes} classes")
+        print(f"  clip          {frames} frames" + ("" if retrieval else f", {args.num_classes} classes"))
         print(f"  parameters    total {_fmt_params(st.total_params)}")
         print(f"                frozen {_fmt_params(st.frozen_params)}")
         print(f"                trainable {_fmt_params(st.trainable_params)}")
-        print(f"  GFLOPs/view   {st.gflops:.1f} (backbone {st.backbone_gflops:.1f} + side {st.side_gflops:.1f})")
+        note = " (video encoder; text tower not counted)" if retrieval else ""
+        print(f"  GFLOPs/view   {st.gflops:.1f} (backbone {st.backbone_gflops:.1f} + side {st.side_gflops:.1f})"
+              + note)
     return 0
 
 
@@ -73,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="parameters and GFLOPs of a model (built on the meta device)")
     p.add_argument("name", help="a model name (see `s4v list`) or 'all'")
-    p.add_argument("--num-frames", type=int, default=8)
+    p.add_argument("--num-frames", type=int, default=None, help="default: 8 (recognition), 12 (retrieval)")
     p.add_argument("--num-classes", type=int, default=174)
     p.set_defaults(func=cmd_info)
 

@@ -44,6 +44,7 @@ def prepare_batch(cfg: DataConfig, reader: ShardReader, index: int, gids: Sequen
             continue
         try:
             raw = reader.read(int(gid))
+            check_label(cfg, raw)
             plan = plan_sample(cfg, raw.key, raw.label, raw.frames, raw.height, raw.width, train, epoch)
         except SampleError as e:
             hb.skipped.append((e.key, e.reason))
@@ -51,6 +52,15 @@ def prepare_batch(cfg: DataConfig, reader: ShardReader, index: int, gids: Sequen
             continue
         hb.slots.append((raw, plan))
     return hb
+
+
+def check_label(cfg: DataConfig, raw: RawSample) -> None:
+    """A label outside [0, cfg.num_classes) is a broken sample (skipped and counted), never a wrong
+    class or a crash of the loss; no check when `num_classes` is None (retrieval, label-free data)."""
+    n = cfg.num_classes
+    if n is not None and not 0 <= raw.label < n:
+        what = "no .cls label" if raw.label == -1 else f"label {raw.label} outside [0, {n})"
+        raise SampleError(raw.key, f"{what} (model.num_classes={n}; wrong --classes list or split?)")
 
 
 def assemble(cfg: DataConfig, train: bool, slots: list[Optional[tuple[RawSample, SamplePlan]]],

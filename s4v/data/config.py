@@ -56,6 +56,7 @@ class DataConfig:
     min_shards_per_reader: int = 1  # raise unless shards >= this * world_size * max(1, num_workers); 0 disables
     prefetch: int = 2  # batches prepared ahead of the training loop
     seed: int = 0  # base seed of shard order, frame sampling and augmentation
+    num_classes: Optional[int] = None  # labels outside [0, num_classes) are skipped and counted (None: no check); the trainer sets model.num_classes
 
     def validate(self) -> None:
         def bad(msg: str) -> None:
@@ -83,3 +84,5 @@ class DataConfig:
                 bad(str(e))
         if self.num_workers < 0 or self.shuffle_buffer < 1:
             bad("num_workers must be >= 0 and shuffle_buffer >= 1")
+        if self.num_classes is not None and self.num_classes < 1:
+            bad(f"num_classes must be >= 1 (or null), got {self.num_classes}")

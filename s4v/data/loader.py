@@ -19,7 +19,7 @@ from typing import Iterator
 
 from s4v.data.augment import num_views
 from s4v.data.config import DataConfig
-from s4v.data.format import SplitIndex
+from s4v.data.format import INDEX_NAME, SplitIndex
 from s4v.data.shards import LoaderPosition, ShardTable, batches_per_epoch, check_shard_count, epoch_batches
 
 log = logging.getLogger("s4v.data")
@@ -89,6 +89,17 @@ class Loader:
         self.pos.epoch, self.pos.batch = epoch + 1, 0
 
 
+def check_shards_exist(root: str, split: str, names) -> None:
+    """Every shard the split index lists must exist: a missing file is an error at start (listing the
+    missing names), not a crash of a reader mid-epoch or a silently smaller epoch."""
+    missing = [n for n in names if not (Path(root) / n).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"split {split!r}: {len(missing)} of {len(names)} shards listed in {Path(root) / INDEX_NAME.format(split=split)} "
+            f"are missing: {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''} (incomplete copy or "
+            f"data_prep run? rerun `python -m data_prep.shard` or restore the files)")
+
+
 def build_loader(cfg: DataConfig, split: str, train: bool, rank: int = 0, world_size: int = 1, epoch: int = 0,
                  device: str = "cpu") -> Loader:
     """Loader over `{cfg.root}/{split}-*.tar` for this rank.
@@ -102,6 +113,7 @@ def build_loader(cfg: DataConfig, split: str, train: bool, rank: int = 0, world_
     table = ShardTable.from_index(index)
     if table.num_samples == 0:
         raise ValueError(f"split {split!r} under {cfg.root} has no samples")
+    check_shards_exist(cfg.root, split, table.names)
     readers = 1 if cfg.loader == "dali" else cfg.num_workers
     if cfg.min_shards_per_reader > 0:
         check_shard_count(len(table.names), world_size, readers, cfg.min_shards_per_reader)

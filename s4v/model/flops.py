@@ -15,7 +15,7 @@ class ModelStats:
     frozen_params: int
     trainable_params: int
     backbone_gflops: float  # per view, multiply-accumulates x 1e-9 (the convention of the paper's tables)
-    side_gflops: float  # side network + head
+    side_gflops: float  # side network + head (retrieval: + video projection; the text tower is not counted)
 
     @property
     def gflops(self) -> float:
@@ -28,7 +28,7 @@ def param_counts(model: torch.nn.Module) -> tuple[int, int, int]:
     return total, total - trainable, trainable
 
 
-def count_flops(model: Side4VideoClassifier, num_frames: int | None = None) -> tuple[float, float]:
+def count_flops(model: torch.nn.Module, num_frames: int | None = None) -> tuple[float, float]:
     """GFLOPs of one view (one clip of `num_frames` frames), backbone and side separately.
 
     Counted as multiply-accumulates like fvcore, which the Side4Video paper's GFLOPs use (B/16, 8
@@ -44,12 +44,15 @@ def count_flops(model: Side4VideoClassifier, num_frames: int | None = None) -> t
             taps = model.backbone(video.flatten(0, 1))
         backbone = counter.get_total_flops()
         with FlopCounterMode(display=False) as counter:
-            model.head(model.side(video, taps), 1)
+            if hasattr(model, "encode_video"):  # retrieval: side network + projection onto frozen CLS
+                model.encode_video(video, taps)
+            else:
+                model.head(model.side(video, taps), 1)
         side = counter.get_total_flops()
     return backbone / 2e9, side / 2e9
 
 
-def model_stats(model: Side4VideoClassifier, num_frames: int | None = None) -> ModelStats:
+def model_stats(model: torch.nn.Module, num_frames: int | None = None) -> ModelStats:
     total, frozen, trainable = param_counts(model)
     backbone, side = count_flops(model, num_frames)
     return ModelStats(total, frozen, trainable, backbone, side)
