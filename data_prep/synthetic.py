@@ -182,6 +182,9 @@ def make_records(split: str, n: int, task: str, size: int, frames: int, seed: in
     return records
 
 
+NVDEC_MIN_H264_WIDTH = 48  # smallest H.264 frame width NVDEC is believed to decode (48x16); unverified here
+
+
 def generate(out: Path, train: int = 3000, val: int = 500, size: int = 32, frames: int = 8, codec: str = "h264",
              task: str = "pair4", seed: int = 0, fps: float = 8.0, shard_size: int = 250, workers: int = 1,
              crf: Optional[int] = None, progress: bool = True) -> list[Summary]:
@@ -190,6 +193,11 @@ def generate(out: Path, train: int = 3000, val: int = 500, size: int = 32, frame
         raise ValueError(f"--size must be even and >= 16, got {size}")
     if frames < 3:
         raise ValueError(f"--frames must be >= 3 for any temporal signal, got {frames}")
+    if codec == "h264" and size < NVDEC_MIN_H264_WIDTH:
+        # Likely why DALI's GPU decoder skipped every 32 px demo clip on an H200 (reason not captured).
+        print(f"note: {size}x{size} H.264 is below the smallest frame NVDEC is believed to decode "
+              f"({NVDEC_MIN_H264_WIDTH} px wide); for DALI GPU decoding use --size {NVDEC_MIN_H264_WIDTH} or more. "
+              "The CPU loaders read these clips fine.", file=sys.stderr)
     enc = EncodeOptions(codec=codec, fps=fps, short_side=0, gop=16, crf=crf if crf is not None else DEFAULT_CRF[codec])
     summaries = []
     for split, n, split_seed in (("train", train, TRAIN_SEED_BASE + seed), ("val", val, VAL_SEED)):

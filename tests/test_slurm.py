@@ -196,7 +196,8 @@ def test_train_script_runs_on_two_nodes(uninterrupted):
     assert info["Restarts"] == "0"
     assert "node[1-2]: 2 node(s) x 1 task(s)" in text and "SLURM_RESTART_COUNT): 0" in text
     res = results(log)
-    assert len(res) == 2 and all(r["status"] == "finished" and r["step"] == TOTAL_STEPS for r in res), res
+    # only rank 0 prints its result
+    assert len(res) == 1 and all(r["status"] == "finished" and r["step"] == TOTAL_STEPS for r in res), res
     assert Path(res[0]["run_dir"]) == run_dir  # default run name from the job id
     ds_config = json.loads((run_dir / "ds_config.json").read_text())
     assert ds_config["train_batch_size"] == 4  # 2 ranks x 2 clips
@@ -252,7 +253,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes(cluster, shards, uninter
     res = results(log)
     preempted = [r for r in res if r["status"] == "preempted"]
     finished = [r for r in res if r["status"] == "finished"]
-    assert preempted and len(finished) == 2, res  # (rank 1 may not print: the requeue kills the job)
+    assert len(preempted) == 1 and len(finished) == 1, res  # rank 0's result before and after the requeue
     stop_step = preempted[0]["step"]
     assert 0 < stop_step < TOTAL_STEPS
     assert re.search(rf"resumed from \S+ at epoch \d+, step {stop_step}\b", text), text[-6000:]
