@@ -59,8 +59,9 @@ def check_label(cfg: DataConfig, raw: RawSample) -> None:
     class or a crash of the loss; no check when `num_classes` is None (retrieval, label-free data)."""
     n = cfg.num_classes
     if n is not None and not 0 <= raw.label < n:
-        what = "no .cls label" if raw.label == -1 else f"label {raw.label} outside [0, {n})"
-        raise SampleError(raw.key, f"{what} (model.num_classes={n}; wrong --classes list or split?)")
+        hint = "no .cls member, or " if raw.label == -1 else ""
+        raise SampleError(raw.key, f"label {raw.label} outside [0, {n}) ({hint}wrong class list or "
+                                   f"model.num_classes={n}?)")
 
 
 def assemble(cfg: DataConfig, train: bool, slots: list[Optional[tuple[RawSample, SamplePlan]]],

@@ -1,0 +1,108 @@
+"""Shared helpers of the fault-injection tests: tiny shards, the e2e override set, and launching
+`tests.faults.faulty_train` (s4v train + fault hooks) in 1 or 2 CPU ranks with a hard timeout."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+REPO = Path(__file__).resolve().parents[2]
+NUM_CLASSES = 6
+
+
+def overrides(root, out, run, **extra) -> list[str]:
+    """The override set of tests/test_train_e2e.py (s4v_tiny, 32 px, 4 frames, batch 2, fp32 ZeRO-2),
+    one epoch, no evaluation."""
+    base = {"model.name": "s4v_tiny", "model.num_classes": NUM_CLASSES, "model.num_frames": 4,
+            "model.backbone_dtype": "fp32", "data.root": str(root), "data.loader": "pyav",
+            "data.num_frames": 4, "data.image_size": 32, "data.resize_short": 32, "data.batch_size": 2,
+            "data.num_workers": 1, "data.min_shards_per_reader": 0, "data.shuffle_buffer": 8,
+            "engine.ds_config": "ds_configs/zero2_fp32.json", "optim.lr": 1e-3, "optim.warmup_epochs": 0.5,
+            "train.epochs": 1, "train.output_dir": str(out), "train.run_name": run,
+            "train.log_every_steps": 1, "train.deterministic": True, "eval.at_end": False,
+            "eval.every_epochs": 0, "train.export": False}
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Run:
+    def __init__(self, proc: subprocess.CompletedProcess, seconds: float, ended: float):
+        self.returncode, self.stdout, self.stderr = proc.returncode, proc.stdout, proc.stderr
+        self.seconds, self.ended = seconds, ended
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+    def result(self) -> dict:
+        lines = [x for x in self.stdout.splitlines() if x.startswith("RESULT_JSON ")]
+        assert lines, f"no RESULT_JSON (rc {self.returncode}):\n{self.tail()}"
+        return json.loads(lines[-1][len("RESULT_JSON "):])
+
+    def tail(self, n: int = 3000) -> str:
+        return self.stdout[-n:] + "\n--- stderr ---\n" + self.stderr[-n:]
+
+
+def launch(args: list[str], nproc: int = 1, faults: Optional[dict] = None, timeout: float = 120) -> Run:
+    """Run s4v train (with the fault hooks of faulty_train) in `nproc` CPU ranks; never waits longer
+    than `timeout` (subprocess.TimeoutExpired fails the test)."""
+    env = dict(os.environ, DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    for k in list(env):
+        if k.startswith("S4V_FAULT_") or k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+            del env[k]
+    env.update(faults or {})
+    mod = ["-m", "tests.faults.faulty_train", *args]
+    if nproc == 1:
+        cmd = [sys.executable, *mod]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
+               "127.0.0.1", "--master_port", str(free_port()), "--monitor_interval", "0.5", *mod]
+    t0 = time.time()
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    return Run(proc, time.time() - t0, time.time())
+
+
+def ckpt_dir(out: Path, run: str) -> Path:
+    return Path(out) / run / "checkpoints"
+
+
+def final_weights(ckpt: Path, tag: Optional[str] = None) -> dict:
+    """fp32 master weights (ZeRO partitions merged) plus BatchNorm buffers of a checkpoint."""
+    import torch
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from s4v.train.checkpoint import latest_tag
+
+    tag = tag or latest_tag(ckpt)
+    sd = {k: v.detach().float().clone() for k, v in get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=tag).items()}
+    module = torch.load(ckpt / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    sd.update({k: v.detach().float() for k, v in module.items() if "running" in k})
+    return sd
+
+
+def assert_same_weights(a: dict, b: dict, atol: float = 1e-6) -> None:
+    import torch
+
+    assert sorted(a) == sorted(b)
+    worst = max((float((a[k] - b[k]).abs().max()) for k in a if a[k].numel()), default=0.0)
+    assert worst <= atol, f"weights differ by up to {worst}"
+    assert all(torch.isfinite(v).all() for v in a.values())
+
+
+def read_keylog(logdir: Path) -> dict[int, list[dict]]:
+    out = {}
+    for path in sorted(Path(logdir).glob("keys_rank*.jsonl")):
+        rank = int(path.stem.removeprefix("keys_rank"))
+        out[rank] = [json.loads(x) for x in path.read_text().splitlines()]
+    return out

@@ -1,0 +1,27 @@
+"""Fixtures shared by the fault-injection tests: tiny shards written once per session."""
+import pytest
+
+from tests._video_fixtures import Spec, write_split
+
+from ._common import NUM_CLASSES
+
+
+@pytest.fixture(scope="session")
+def clean_shards(tmp_path_factory):
+    """24 training clips (4 shards x 6, 12 frames, 32x32) and 8 val clips, all labels in range."""
+    root = tmp_path_factory.mktemp("clean_shards")
+    for split, n_shards, per in (("train", 4, 6), ("val", 2, 4)):
+        write_split(root, split, [[Spec(f"{split}{s}_{i}", 12, (s * per + i) % NUM_CLASSES, height=32, width=32)
+                                   for i in range(per)] for s in range(n_shards)])
+    return root
+
+
+@pytest.fixture(scope="session")
+def shards_with_bad_label(tmp_path_factory):
+    """26 training clips in 4 shards (13 batches of 2 on one rank); clip `bad_label` has class 9 of 6."""
+    root = tmp_path_factory.mktemp("bad_label_shards")
+    shards = [[Spec(f"t{s}_{i}", 12, (s * 7 + i) % NUM_CLASSES, height=32, width=32) for i in range(7 if s < 2 else 6)]
+              for s in range(4)]
+    shards[2][3] = Spec("bad_label", 12, 9, height=32, width=32)
+    write_split(root, "train", shards)
+    return root
