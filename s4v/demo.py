@@ -65,7 +65,10 @@ def train(run_name: str, *overrides: str) -> dict:
 
 
 def _is_noise(line: str) -> bool:
-    """Warnings that say nothing to a demo user (CPU-only machine, deprecations inside DeepSpeed)."""
+    """Warnings that say nothing to a demo user (CPU-only machine, deprecations inside DeepSpeed), and
+    progress-bar redraws (only each epoch's final bar is shown)."""
+    if "it/s" in line or "s/it" in line:
+        return "100%|" not in line
     return any(s in line for s in ("FutureWarning", "warnings.warn", "No CUDA runtime", "UserWarning",
                                    "Setting OMP_NUM_THREADS", "*****", "[WARNING]", "[INFO]"))
 

@@ -26,9 +26,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ConfigError, FileNotFoundError) as err:
         print(f"s4v train: config error: {err}", file=sys.stderr)
         return 2
-    from s4v.train.loop import train
+    from s4v.train.checkpoint import CheckpointError
+    from s4v.train.loop import DataSkipError, NonFiniteLossError, train
 
-    result = train(cfg, argv)
+    try:
+        result = train(cfg, argv)
+    except ConfigError as err:  # the preflight: nothing was started
+        print(f"s4v train: {err}", file=sys.stderr)
+        return 2
+    except (CheckpointError, NonFiniteLossError, DataSkipError) as err:  # a stop with a reason, not a bug
+        print(f"s4v train: stopped: {err}", file=sys.stderr)
+        return 1
     if int(os.environ.get("RANK", "0")) == 0:
         print("RESULT_JSON " + json.dumps(result, sort_keys=True), flush=True)
     return 0 if result["status"] in ("finished", "preempted") else 1
