@@ -292,3 +292,17 @@ def test_retrieval_config_validation():
         load_experiment(None, base + ["data.repeated_aug=2"])
     with pytest.raises(ConfigError, match="text.layers"):
         load_experiment(None, base + ["model.overrides={text.layer: 1}"])
+
+
+def test_retrieval_side_position_embedding_covers_the_cls_prompt():
+    """Spec 5.1: in retrieval the side position embedding has N+1 rows and is added to every token."""
+    import s4v
+    from s4v.model.side_net import _prompted
+
+    model = s4v.create_model("s4v_retrieval_b16", num_frames=12, device="meta")
+    assert model.side.pos_embed.shape == (197, 320)
+    rec = s4v.create_model("s4v_b16", 174, 8, device="meta")
+    assert rec.side.pos_embed.shape == (196, 320)
+    c, s, p = torch.randn(2, 1, 4), torch.randn(2, 3, 4), torch.randn(4, 4)
+    assert torch.equal(_prompted(c, s, p), torch.cat([c, s], 1) + p)
+    assert torch.equal(_prompted(c, s, p[1:]), torch.cat([c, s + p[1:]], 1))

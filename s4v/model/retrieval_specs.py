@@ -38,8 +38,9 @@ class RetrievalSpec:
 
 def _side(base: str, width: int = 320) -> SideSpec:
     # Same side network as the recognition model of that backbone family (taps, norms, post BN3d),
-    # at the retrieval width. The EVA retrieval path has the post BN3d (spec 5.4).
-    return dataclasses.replace(MODELS[base].side, width=width, post_bn=True)
+    # at the retrieval width. The EVA retrieval path has the post BN3d (spec 5.4); the position embedding
+    # has N+1 rows and also covers the CLS prompt (spec 5.1).
+    return dataclasses.replace(MODELS[base].side, width=width, post_bn=True, cls_pos=True)
 
 
 RETRIEVAL_MODELS: dict[str, RetrievalSpec] = {

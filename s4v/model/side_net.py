@@ -157,11 +157,19 @@ class SideBlock(nn.Module):
         z_cls = shift_cls(cls_tokens, num_frames) if self.cls_shift else cls_tokens
         if self.post_norm:
             s = s + self.bn1(self.temporal(s, num_frames))
-            s = s + self.ln(self.attn(torch.cat([z_cls, s + pos], dim=1)))
+            s = s + self.ln(self.attn(_prompted(z_cls, s, pos)))
             return s + self.bn2(self.mlp(s))
         s = s + self.temporal(s, num_frames, self.bn1, self.fused_norms)
-        s = s + self.attn(torch.cat([z_cls, s + pos], dim=1), self.ln)
+        s = s + self.attn(_prompted(z_cls, s, pos), self.ln)
         return s + self.mlp(s, self.bn2, self.fused_norms)
+
+
+def _prompted(z_cls: torch.Tensor, s: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """The attention input `[shifted CLS; patches]` plus the position embedding: on the patches only
+    (recognition, `N` rows) or on every token (retrieval, `N + 1` rows)."""
+    if pos.shape[0] == s.shape[1]:
+        return torch.cat([z_cls, s + pos], dim=1)
+    return torch.cat([z_cls, s], dim=1) + pos
 
 
 class SideNetwork(nn.Module):
@@ -176,7 +184,7 @@ class SideNetwork(nn.Module):
         self.taps = nn.ModuleList(Tap(backbone_width, dim, spec.tap_order, spec.fused_taps)
                                   for _ in range(num_taps))
         self.blocks = nn.ModuleList(SideBlock(dim, spec) for _ in range(num_taps))
-        self.pos_embed = nn.Parameter(torch.empty(num_patches, dim))
+        self.pos_embed = nn.Parameter(torch.empty(num_patches + int(spec.cls_pos), dim))
         self.grad_checkpointing = False
         self.reset_parameters()
 

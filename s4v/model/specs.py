@@ -51,6 +51,7 @@ class SideSpec:
     temporal_ratio: float = 1.0  # bottleneck width of the temporal conv branch, as a multiple of D
     temporal_kernel: int = 3  # temporal kernel of the stem and of the depthwise conv (1: none)
     cls_shift: bool = True  # shift the projected CLS across frames (False: each frame keeps its own)
+    cls_pos: bool = False  # the position embedding also covers the CLS prompt (N+1 rows; retrieval, spec 5.1)
     pos_init_std: float = 0.01  # side spatial position embedding init (CLIP 0.01, EVA 0.02)
     init: Literal["clip", "default"] = "clip"  # "clip": the official CLIP block init; "default": PyTorch's
     drop_fc: float = 0.0  # dropout before the classifier
