@@ -61,7 +61,7 @@ def test_kill_while_saving_keeps_previous_checkpoint(killed_during_save):
 def test_full_disk_gives_clear_error_and_keeps_previous_checkpoint(disk_full_during_save):
     out, first, second, state = disk_full_during_save
     assert first.returncode == 1
-    assert "CheckpointError: could not write checkpoint step_00000006" in first.stderr, first.tail()
+    assert "s4v train: stopped: could not write checkpoint step_00000006" in first.stderr, first.tail()
     assert "No space left on device" in first.stderr and "previous checkpoint (step_00000004) is intact" in first.stderr
     assert state["latest"] == "step_00000004"
     assert state["dirs"] == ["step_00000002", "step_00000004"]  # the partial step-6 folder was removed
@@ -93,7 +93,7 @@ def test_nan_losses_skipped_counted_then_stop(shards_with_bad_label, tmp_path):
     assert run.returncode == 1
     assert "non-finite loss at step 1" in run.output  # step 2 is skipped (counter shows steps done)
     assert "step skipped (1 in a row)" in run.output
-    assert "NonFiniteLossError: 3 consecutive non-finite losses at step 6; stopping" in run.stderr, run.tail()
+    assert "s4v train: stopped: 3 consecutive non-finite losses at step 6; stopping" in run.stderr, run.tail()
     ckpts = ckpt_dir(tmp_path, "nan")
     assert "The last good checkpoint is in " + str(ckpts) in run.stderr
     assert checkpoint.latest_tag(ckpts) == "step_00000006"  # saved after the skipped steps 5 and 6
