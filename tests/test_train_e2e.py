@@ -8,32 +8,17 @@ from pathlib import Path
 
 import pytest
 
-from tests._video_fixtures import Spec, write_split
+from tests._train_fixtures import NUM_CLASSES, free_port, tiny_overrides, write_tiny_shards
 
 REPO = Path(__file__).resolve().parents[1]
-NUM_CLASSES = 6
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("shards")
-    for split, n_shards, per in (("train", 4, 6), ("val", 2, 4)):
-        write_split(root, split, [[Spec(f"{split}{s}_{i}", 12, (s * per + i) % NUM_CLASSES, height=32, width=32)
-                                   for i in range(per)] for s in range(n_shards)])
-    return root
+    return write_tiny_shards(tmp_path_factory.mktemp("shards"))
 
 
-def overrides(root, out, run, **extra):
-    base = {"model.name": "s4v_tiny", "model.num_classes": NUM_CLASSES, "model.num_frames": 4,
-            "model.backbone_dtype": "fp32", "data.root": str(root), "data.loader": "pyav",
-            "data.num_frames": 4, "data.image_size": 32, "data.resize_short": 32, "data.batch_size": 2,
-            "data.num_workers": 1, "data.min_shards_per_reader": 0, "data.shuffle_buffer": 8,
-            "engine.ds_config": "ds_configs/zero2_fp32.json", "optim.lr": 1e-3, "optim.warmup_epochs": 0.5,
-            "train.epochs": 2, "train.output_dir": str(out), "train.run_name": run,
-            "train.log_every_steps": 1, "train.deterministic": True, "eval.at_end": False,
-            "train.export": False}
-    base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
+overrides = tiny_overrides
 
 
 def run_train(args, nproc=1, timeout=300):
@@ -43,19 +28,11 @@ def run_train(args, nproc=1, timeout=300):
         cmd = [sys.executable, "-m", "s4v.train", *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "s4v.train", *args]
+               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "s4v.train", *args]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT_JSON ")][-1]
     return json.loads(line[len("RESULT_JSON "):])
-
-
-def _free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def losses(run_dir):

@@ -4,36 +4,20 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Optional
 
+from tests._train_fixtures import NUM_CLASSES, free_port, tiny_overrides  # noqa: F401
+
 REPO = Path(__file__).resolve().parents[2]
-NUM_CLASSES = 6
 
 
 def overrides(root, out, run, **extra) -> list[str]:
-    """The override set of tests/test_train_e2e.py (s4v_tiny, 32 px, 4 frames, batch 2, fp32 ZeRO-2),
-    one epoch, no evaluation."""
-    base = {"model.name": "s4v_tiny", "model.num_classes": NUM_CLASSES, "model.num_frames": 4,
-            "model.backbone_dtype": "fp32", "data.root": str(root), "data.loader": "pyav",
-            "data.num_frames": 4, "data.image_size": 32, "data.resize_short": 32, "data.batch_size": 2,
-            "data.num_workers": 1, "data.min_shards_per_reader": 0, "data.shuffle_buffer": 8,
-            "engine.ds_config": "ds_configs/zero2_fp32.json", "optim.lr": 1e-3, "optim.warmup_epochs": 0.5,
-            "train.epochs": 1, "train.output_dir": str(out), "train.run_name": run,
-            "train.log_every_steps": 1, "train.deterministic": True, "eval.at_end": False,
-            "eval.every_epochs": 0, "train.export": False}
-    base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """The tiny setting of tests/_train_fixtures.py, one epoch, no evaluation."""
+    return tiny_overrides(root, out, run, **{"train.epochs": 1, "eval.every_epochs": 0, **extra})
 
 
 class Run:

@@ -3,17 +3,13 @@ import pytest
 
 from tests._video_fixtures import Spec, write_split
 
-from ._common import NUM_CLASSES
+from tests._train_fixtures import NUM_CLASSES, write_tiny_shards
 
 
 @pytest.fixture(scope="session")
 def clean_shards(tmp_path_factory):
     """24 training clips (4 shards x 6, 12 frames, 32x32) and 8 val clips, all labels in range."""
-    root = tmp_path_factory.mktemp("clean_shards")
-    for split, n_shards, per in (("train", 4, 6), ("val", 2, 4)):
-        write_split(root, split, [[Spec(f"{split}{s}_{i}", 12, (s * per + i) % NUM_CLASSES, height=32, width=32)
-                                   for i in range(per)] for s in range(n_shards)])
-    return root
+    return write_tiny_shards(tmp_path_factory.mktemp("clean_shards"))
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,37 @@
+"""The tiny CPU training setting shared by the end-to-end and fault tests: shards and overrides."""
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+from tests._video_fixtures import Spec, write_split
+
+NUM_CLASSES = 6
+
+
+def write_tiny_shards(root: Path) -> Path:
+    """24 training clips (4 shards x 6, 12 frames, 32x32) and 8 val clips, labels in range."""
+    for split, n_shards, per in (("train", 4, 6), ("val", 2, 4)):
+        write_split(root, split, [[Spec(f"{split}{s}_{i}", 12, (s * per + i) % NUM_CLASSES, height=32, width=32)
+                                   for i in range(per)] for s in range(n_shards)])
+    return root
+
+
+def tiny_overrides(root, out, run, **extra) -> list[str]:
+    """s4v_tiny, 32 px, 4 frames, batch 2, fp32 ZeRO-2, PyAV loader, 2 epochs, deterministic."""
+    base = {"model.name": "s4v_tiny", "model.num_classes": NUM_CLASSES, "model.num_frames": 4,
+            "model.backbone_dtype": "fp32", "data.root": str(root), "data.loader": "pyav",
+            "data.num_frames": 4, "data.image_size": 32, "data.resize_short": 32, "data.batch_size": 2,
+            "data.num_workers": 1, "data.min_shards_per_reader": 0, "data.shuffle_buffer": 8,
+            "engine.ds_config": "ds_configs/zero2_fp32.json", "optim.lr": 1e-3, "optim.warmup_epochs": 0.5,
+            "train.epochs": 2, "train.output_dir": str(out), "train.run_name": run,
+            "train.log_every_steps": 1, "train.deterministic": True, "eval.at_end": False,
+            "train.export": False}
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
