@@ -56,6 +56,23 @@ def keys_of(batches, valid_only=True):
     return keys
 
 
+def check_frames_match_plan(loader, meta, cfg, train, epoch, device=None):
+    """Assert every delivered clip holds the frames its sampling plan asks for; (valid, total) counts."""
+    valid = total = 0
+    for b in loader:
+        if device is not None:
+            assert b["video"].device.type == device
+        idx = vf.decoded_indices(b["video"], cfg)
+        for j, key in enumerate(b["key"]):
+            s = meta[key]
+            plan = plan_sample(cfg, key, s.label, s.frames, s.height, s.width, train, epoch=epoch)
+            want = plan.frames[0] if train else plan.frames[[v.clip for v in plan.views]]
+            assert idx[j].tolist() == want.tolist(), key
+            valid += int(b["valid"][j])
+            total += 1
+    return valid, total
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("codec,engine", [("h264", "pyav"), ("vp9", "pyav"), ("vp9", "dali")])
 @pytest.mark.parametrize("train", [True, False])
@@ -65,15 +82,7 @@ def test_frames_match_plan(shards, codec, engine, train):
                   grayscale_prob=0.5)
     loader = build_loader(cfg, "train", train=train, epoch=2)
     meta = {s.key: s for s in shards["specs"][codec]}
-    n = 0
-    for b in loader:
-        idx = vf.decoded_indices(b["video"], cfg)
-        for j, key in enumerate(b["key"]):
-            s = meta[key]
-            plan = plan_sample(cfg, key, s.label, s.frames, s.height, s.width, train, epoch=2)
-            want = plan.frames[0] if train else plan.frames[[v.clip for v in plan.views]]
-            assert idx[j].tolist() == want.tolist(), key
-            n += int(b["valid"][j])
+    n, _ = check_frames_match_plan(loader, meta, cfg, train, epoch=2)
     assert n == ((len(meta) // 3) * 3 * 2 if train else len(meta))
     assert loader.skipped == 0
 
@@ -232,16 +241,7 @@ def test_dali_mixed_h264_matches_plan(shards):
     meta = {s.key: s for s in shards["specs"]["h264"]}
     for train in (True, False):
         loader = build_loader(cfg, "train", train=train, device="cuda")
-        n = 0
-        for b in loader:
-            assert b["video"].is_cuda
-            idx = vf.decoded_indices(b["video"], cfg)
-            for j, key in enumerate(b["key"]):
-                s = meta[key]
-                plan = plan_sample(cfg, key, s.label, s.frames, s.height, s.width, train, epoch=0)
-                want = plan.frames[0] if train else plan.frames[[v.clip for v in plan.views]]
-                assert idx[j].tolist() == want.tolist(), key
-                n += 1
+        _, n = check_frames_match_plan(loader, meta, cfg, train, epoch=0, device="cuda")
         assert n > 0 and loader.skipped == 0
     pyav = torch.cat([b["video"] for b in build_loader(dataclasses.replace(cfg, loader="pyav"), "train", False)])
     dali = torch.cat([b["video"].cpu() for b in build_loader(cfg, "train", False, device="cuda")])

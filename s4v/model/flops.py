@@ -6,7 +6,6 @@ from dataclasses import dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .classifier import Side4VideoClassifier
 
 
 @dataclass

@@ -25,12 +25,12 @@ from tqdm import tqdm
 from s4v.data.loader import build_loader
 from s4v.experiment import ExperimentConfig
 from s4v.train import checkpoint
-from s4v.train.dist import (DistInfo, PreemptionFlag, all_reduce_max, barrier, broadcast_object,
+from s4v.train.dist import (PreemptionFlag, all_reduce_max, barrier, broadcast_object,
                             init_distributed, requeue_slurm_job)
 from s4v.train.engine import build_ds_config, load_ds_json, warmup_cosine
 from s4v.train.metrics import Meter, MetricLogger, memory_stats
 from s4v.train.run_dir import default_run_name, write_run_description
-from s4v.train.tasks import RecognitionTask, make_task, single_view  # noqa: F401 (single_view: public)
+from s4v.train.tasks import make_task
 
 log = logging.getLogger("s4v.train")
 
@@ -59,11 +59,6 @@ def setup_logging(run_dir: Optional[Path], rank: int) -> None:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, force=True,
                         format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s",
                         handlers=handlers)
-
-
-def build_training_model(cfg: ExperimentConfig, info: DistInfo):
-    """The recognition model of `cfg` (the task's `build_model` in general)."""
-    return RecognitionTask(cfg).build_model(info)
 
 
 def job_world_size() -> int:
