@@ -36,6 +36,8 @@ class OptimConfig:
     min_lr_ratio: float = 0.0  # cosine ends at lr * min_lr_ratio
     label_smoothing: float = 0.1
     grad_clip: float = 1.0  # global gradient-norm clipping (0: off)
+    optimizer: Literal["adamw", "bertadam"] = "adamw"  # bertadam: the official retrieval optimiser (no bias correction)
+    schedule: Literal["cosine", "cosine_global"] = "cosine"  # cosine_global: cos over global progress (CLIP4Clip)
 
 
 @dataclass

@@ -127,7 +127,9 @@ def embed_split(encode_video: Callable, encode_texts: Callable, batches: Iterabl
                 new[key] = i
         caps = {key: list(captions.all(key)) for key in new}
         flat = [c for key in new for c in caps[key]]
-        t = encode_texts(flat) if flat else None
+        # Every rank runs the text tower once per batch, even without new captions: under ZeRO-3 its
+        # weights are gathered collectively, so all ranks must make the same calls.
+        t = encode_texts(flat or [""])
         start = 0
         for key, i in new.items():
             n = len(caps[key])

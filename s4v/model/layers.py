@@ -81,6 +81,11 @@ class TokenBatchNorm(nn.BatchNorm1d):
         """Whether a fused norm->linear may replace this module here (batch statistics, autograd on)."""
         return self.training and torch.is_grad_enabled()
 
+    def cross_rank_sum(self):
+        """None: statistics of this rank's batch. A variant synchronised over ranks returns an in-place
+        sum over ranks (`fn(tensor)`), which the fused functions use for statistics and their backward."""
+        return None
+
 
 def shift_cls(cls_tokens: torch.Tensor, num_frames: int) -> torch.Tensor:
     """Temporal shift of the projected CLS tokens `[B*T, 1, D]` (spec 2.3).
@@ -126,8 +131,10 @@ class NormOp:
     def __init__(self, module: nn.Module, kind: str):
         self.kind, self.module = kind, module
         self.eps = module.eps
+        self.sum_over_ranks = None
         if kind == "bn":
             self.running = module._stats_for_forward()  # (running_mean, running_var, momentum); bumps counters
+            self.sum_over_ranks = module.cross_rank_sum()
 
     def forward(self, x, w, b):
         c = torch.promote_types(x.dtype, torch.float32)
@@ -138,8 +145,32 @@ class NormOp:
             return out.to(x.dtype), (s1, s2)
         rm, rv, momentum = self.running
         flat = x.reshape(-1, x.shape[-1]).to(c)
+        if self.sum_over_ranks is not None:
+            mean, invstd = self._global_stats(flat, rm, rv, momentum)
+            return self._normalize(flat, mean, invstd, wc, bc).to(x.dtype).view(x.shape), (mean, invstd)
         out, s1, s2 = torch.native_batch_norm(flat, wc, bc, rm, rv, True, momentum, self.eps)
         return out.to(x.dtype).view(x.shape), (s1, s2)
+
+    def _global_stats(self, flat, rm, rv, momentum):
+        """Mean and 1/std over every rank's batch (as SyncTokenBatchNorm); updates the running stats."""
+        d = flat.shape[-1]
+        stats = torch.cat([flat.sum(0), (flat * flat).sum(0), flat.new_full((1,), flat.shape[0])])
+        self.sum_over_ranks(stats)
+        n = stats[-1]
+        mean = stats[:d] / n
+        var = (stats[d:2 * d] / n - mean * mean).clamp_min(0)
+        if rm is not None:
+            unbiased = var * (n / (n - 1).clamp_min(1))
+            rm.mul_(1 - momentum).add_(mean.to(rm.dtype), alpha=momentum)
+            rv.mul_(1 - momentum).add_(unbiased.to(rv.dtype), alpha=momentum)
+        return mean, torch.rsqrt(var + self.eps)
+
+    @staticmethod
+    def _normalize(flat, mean, invstd, wc, bc):
+        out = (flat - mean) * invstd
+        if wc is not None:
+            out = out * wc
+        return out if bc is None else out + bc
 
     def recompute(self, x, w, b, stats):
         c = torch.promote_types(x.dtype, torch.float32)
@@ -149,7 +180,24 @@ class NormOp:
             return torch.native_layer_norm(x.to(c), self.module.normalized_shape, wc, bc, self.eps)[0].to(x.dtype)
         # batch statistics again, running statistics untouched: the same kernel and values as forward
         flat = x.reshape(-1, x.shape[-1]).to(c)
+        if self.sum_over_ranks is not None:  # the saved global statistics (no second collective)
+            return self._normalize(flat, stats[0], stats[1], wc, bc).to(x.dtype).view(x.shape)
         return torch.native_batch_norm(flat, wc, bc, None, None, True, 0.0, self.eps)[0].to(x.dtype).view(x.shape)
+
+    def _global_backward(self, gy, x, wc, stats):
+        """BatchNorm backward with statistics over all ranks: the sums over the batch that the input
+        gradient needs are summed over ranks; weight and bias gradients stay this rank's (the engine
+        averages them, as for any parameter)."""
+        mean, invstd = stats
+        d = x.shape[-1]
+        g, xhat = gy.reshape(-1, d), (x.reshape(-1, d) - mean) * invstd
+        gb, gw = g.sum(0), (g * xhat).sum(0)
+        sums = torch.cat([gb, gw, g.new_full((1,), g.shape[0])])
+        self.sum_over_ranks(sums)
+        n = sums[-1]
+        scale = invstd if wc is None else invstd * wc
+        gx = scale * (g - sums[:d] / n - xhat * (sums[d:2 * d] / n))
+        return gx.view(x.shape), gw, gb
 
     def backward(self, gy, x, w, b, stats, needs):
         c = torch.promote_types(x.dtype, torch.float32)
@@ -159,6 +207,8 @@ class NormOp:
             gx, gw, gb = torch.ops.aten.native_layer_norm_backward(
                 gy.to(c), x.to(c), self.module.normalized_shape, stats[0], stats[1], wc,
                 None if b is None else b.to(c), mask)
+        elif self.sum_over_ranks is not None:
+            gx, gw, gb = self._global_backward(gy.to(c), x.to(c), wc, stats)
         else:
             d = x.shape[-1]
             gx, gw, gb = torch.ops.aten.native_batch_norm_backward(

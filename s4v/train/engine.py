@@ -36,7 +36,7 @@ def resolve_ds_config_path(path: str) -> Path:
 
 def build_ds_config(base: dict[str, Any], *, micro_batch: int, grad_accum: int, world_size: int,
                     grad_clip: float, lr: float, betas, eps: float, weight_decay: float,
-                    device_type: str) -> dict[str, Any]:
+                    device_type: str, optimizer: str = "adamw") -> dict[str, Any]:
     """The engine settings from the JSON plus what the experiment YAML owns (batch, clipping, optimizer).
     A JSON that sets those differently is an error, so that exactly one file owns each knob."""
     cfg = copy.deepcopy(base)
@@ -55,9 +55,14 @@ def build_ds_config(base: dict[str, Any], *, micro_batch: int, grad_accum: int, 
     if device_type != "cuda" and cfg.get("fp16", {}).get("enabled"):
         raise ValueError("fp16 training needs a GPU (DeepSpeed refuses fp16 on CPU); use a bf16 or fp32 "
                          "DeepSpeed config, e.g. ds_configs/zero2_bf16.json")
-    cfg["optimizer"] = {"type": "AdamW", "params": {
-        "lr": lr, "betas": list(betas), "eps": eps, "weight_decay": weight_decay,
-        "torch_adam": True, "adam_w_mode": True}}
+    if optimizer == "adamw":
+        cfg["optimizer"] = {"type": "AdamW", "params": {
+            "lr": lr, "betas": list(betas), "eps": eps, "weight_decay": weight_decay,
+            "torch_adam": True, "adam_w_mode": True}}
+    elif optimizer == "bertadam":  # a client optimizer (s4v.train.bertadam), built in `deepspeed_initialize`
+        cfg["zero_allow_untested_optimizer"] = True
+    else:
+        raise ValueError(f"unknown optimizer {optimizer!r}; use adamw or bertadam")
     cfg.setdefault("steps_per_print", 10 ** 9)  # s4v logs itself
     cfg.setdefault("wall_clock_breakdown", False)
     return cfg
@@ -76,26 +81,35 @@ def param_groups(module: nn.Module, weight_decay: float, no_decay_norm_bias: boo
     return groups
 
 
-def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float = 0.0) -> Callable[[int], float]:
-    """LR multiplier: linear warmup from 0, then cosine to `min_ratio` at `total_steps` (spec 6.1)."""
+def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float = 0.0,
+                  global_progress: bool = False) -> Callable[[int], float]:
+    """LR multiplier: linear warmup from 0, then cosine to `min_ratio` at `total_steps` (spec 6.1).
+    `global_progress`: the cosine runs over the whole schedule, warmup included (CLIP4Clip's
+    `warmup_cosine`, spec 6.2), so it starts at 0.5 (1 + cos(pi warmup/total)) after warmup."""
     def factor(step: int) -> float:
         if warmup_steps > 0 and step < warmup_steps:
             return step / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        start = 0 if global_progress else warmup_steps
+        progress = min(1.0, (step - start) / max(1, total_steps - start))
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
     return factor
 
 
-def initialize_engine(model: Side4VideoClassifier, ds_config: dict[str, Any], groups: list[dict],
-                      lr_lambda: Callable[[int], float]):
-    """deepspeed.initialize over the side network and head. Returns (engine, optimizer, scheduler)."""
+def deepspeed_initialize(module: nn.Module, ds_config: dict[str, Any], groups: list[dict],
+                         lr_lambda: Callable[[int], float], optim) -> tuple:
+    """deepspeed.initialize over what the engine owns, with `optim` (an `OptimConfig`) picking the
+    optimizer: DeepSpeed's AdamW from the JSON, or a client `BertAdam` over the same parameter groups.
+    Returns (engine, optimizer, scheduler)."""
     import deepspeed
 
-    trainable = TrainableSide(model)
+    client = None
+    if optim.optimizer == "bertadam":
+        from s4v.train.bertadam import BertAdam
+
+        client = BertAdam(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay)
     engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=trainable, model_parameters=groups, config=ds_config,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda),
-        dist_init_required=False)
+        model=module, model_parameters=None if client else groups, optimizer=client, config=ds_config,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda), dist_init_required=False)
     return engine, optimizer, scheduler
 
 
@@ -105,3 +119,15 @@ def load_ds_json(path: str) -> dict[str, Any]:
         return json.loads(resolved.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{resolved}: invalid JSON: {err}") from err
+
+
+def full_parameters(engine):
+    """Context in which every parameter of the engine's module holds its full value on every rank:
+    ZeRO-3 gathers its partitions (a collective: call it on all ranks); other stages need nothing."""
+    import contextlib
+
+    import deepspeed
+
+    if engine.zero_optimization_stage() != 3:
+        return contextlib.nullcontext()
+    return deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)

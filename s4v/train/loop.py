@@ -118,7 +118,7 @@ def preflight(cfg: ExperimentConfig, world_size: int) -> None:
         build_ds_config(load_ds_json(cfg.engine.ds_config), micro_batch=d.batch_size * num_views(d, True),
                         grad_accum=max(1, cfg.train.grad_accum), world_size=world_size,
                         grad_clip=cfg.optim.grad_clip, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
-                        weight_decay=cfg.optim.weight_decay,
+                        weight_decay=cfg.optim.weight_decay, optimizer=cfg.optim.optimizer,
                         device_type="cuda" if torch.cuda.is_available() else "cpu")
     except (FileNotFoundError, ValueError) as err:
         problems.append(f"engine.ds_config: {err}")
@@ -149,7 +149,11 @@ class Trainer:
         self.ckpt_dir = self.run_dir / "checkpoints"
 
         self.task = make_task(cfg)
-        self.model = self.task.build_model(info)
+        # The same initialisation on every rank: DeepSpeed broadcasts only what it owns, and a random
+        # (weights-file-less) frozen tower must be the same model on every rank too.
+        with torch.random.fork_rng(devices=[info.device] if info.device.type == "cuda" else []):
+            torch.manual_seed(cfg.train.seed)
+            self.model = self.task.build_model(info)
         d = cfg.data
         self.train_loader = build_loader(d, d.train_split, train=True, rank=info.rank,
                                          world_size=info.world_size, epoch=0, device=info.device.type)
@@ -163,9 +167,10 @@ class Trainer:
             load_ds_json(cfg.engine.ds_config), micro_batch=self.train_loader.clips_per_batch,
             grad_accum=cfg.train.grad_accum, world_size=info.world_size, grad_clip=cfg.optim.grad_clip,
             lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
-            weight_decay=cfg.optim.weight_decay, device_type=info.device.type)
+            weight_decay=cfg.optim.weight_decay, device_type=info.device.type, optimizer=cfg.optim.optimizer)
         self.engine, self.optimizer, self.scheduler = self.task.initialize(
-            self, ds_config, warmup_cosine(total, warmup, cfg.optim.min_lr_ratio))
+            self, ds_config, warmup_cosine(total, warmup, cfg.optim.min_lr_ratio,
+                                           global_progress=cfg.optim.schedule == "cosine_global"))
         if info.is_main:
             write_run_description(self.run_dir, cfg, ds_config, argv)
         self.logger = MetricLogger(self.run_dir, enabled=info.is_main)

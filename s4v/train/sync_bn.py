@@ -3,7 +3,8 @@
 torch's SyncBatchNorm needs CUDA in train mode and treats dim 1 as channels; the side network's
 `TokenBatchNorm` normalises the last dim of `[B*T, N, D]`. This variant all-reduces (differentiably)
 the per-channel sum, sum of squares and count, so results do not depend on the per-rank batch, on
-gloo (CPU) as on NCCL.
+gloo (CPU) as on NCCL. The fused (memory-saving) norm->linear functions of `s4v.model.layers` ask
+`cross_rank_sum()` and synchronise their statistics and backward sums the same way.
 """
 from __future__ import annotations
 
@@ -20,8 +21,9 @@ class SyncTokenBatchNorm(TokenBatchNorm):
         if not self.training or not dist.is_initialized() or dist.get_world_size() == 1:
             return super().forward(x)
         shape, dtype = x.shape, x.dtype
-        flat = x.reshape(-1, shape[-1]).float()
-        count = torch.full((1,), flat.shape[0], dtype=torch.float32, device=flat.device)
+        compute = torch.promote_types(dtype, torch.float32)
+        flat = x.reshape(-1, shape[-1]).to(compute)
+        count = flat.new_full((1,), flat.shape[0])
         stats = torch.cat([flat.sum(0), (flat * flat).sum(0), count])
         stats = dist_fn.all_reduce(stats)  # differentiable: gradients flow to every rank's inputs
         d = shape[-1]
@@ -38,8 +40,14 @@ class SyncTokenBatchNorm(TokenBatchNorm):
                 self.running_var.mul_(1 - m).add_(unbiased.to(self.running_var.dtype), alpha=m)
         out = (flat - mean) * torch.rsqrt(var + self.eps)
         if self.weight is not None:
-            out = out * self.weight.float() + self.bias.float()
+            out = out * self.weight.to(compute) + self.bias.to(compute)
         return out.to(dtype).view(shape)
+
+
+    def cross_rank_sum(self):
+        if not self.training or not dist.is_initialized() or dist.get_world_size() == 1:
+            return None
+        return dist.all_reduce  # in place, sum
 
 
 def convert_sync_token_bn(module: nn.Module) -> nn.Module:

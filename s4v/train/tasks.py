@@ -40,15 +40,6 @@ def single_view(data_cfg):
     return dataclasses.replace(data_cfg, test_crops=1, test_clips=1)
 
 
-def _deepspeed_initialize(module: nn.Module, ds_config: dict, groups: list[dict], lr_lambda: Callable[[int], float]):
-    import deepspeed
-
-    engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=module, model_parameters=groups, config=ds_config,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda), dist_init_required=False)
-    return engine, optimizer, scheduler
-
-
 # =========================================================================================== recognition
 class RecognitionTask:
     name = "recognition"
@@ -70,11 +61,11 @@ class RecognitionTask:
         return model
 
     def initialize(self, trainer, ds_config: dict, lr_lambda):
-        from s4v.train.engine import initialize_engine, param_groups
+        from s4v.train.engine import TrainableSide, deepspeed_initialize, param_groups
 
         o = self.cfg.optim
         groups = param_groups(trainer.model.trainable_modules(), o.weight_decay, o.no_decay_norm_bias)
-        return initialize_engine(trainer.model, ds_config, groups, lr_lambda)
+        return deepspeed_initialize(TrainableSide(trainer.model), ds_config, groups, lr_lambda, o)
 
     def forward(self, trainer, video: torch.Tensor) -> torch.Tensor:
         taps = trainer.model.backbone(video.flatten(0, 1))  # no_grad, frozen tower dtype
@@ -134,20 +125,22 @@ def _export(trainer, save: Callable[[Path], None]) -> Path:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     from s4v.train import checkpoint
+    from s4v.train.engine import full_parameters
 
     barrier()
     path = trainer.run_dir / "model_side_head.pt"
-    if trainer.info.is_main:
-        tag = checkpoint.latest_tag(trainer.ckpt_dir)
-        sd = get_fp32_state_dict_from_zero_checkpoint(str(trainer.ckpt_dir), tag=tag)
-        model = trainer.model
-        model.load_state_dict(
-            {**{k: v for k, v in model.state_dict().items() if k.startswith("backbone.")},
-             **{k: v.float() for k, v in sd.items()},
-             **{k: v for k, v in trainer.engine.module.state_dict().items() if "running" in k
-                or "num_batches_tracked" in k}}, strict=False)
-        save(path)
-        log.info("exported the trained model to %s", path)
+    with full_parameters(trainer.engine):  # ZeRO-3: the model's own tensors hold partitions otherwise
+        if trainer.info.is_main:
+            tag = checkpoint.latest_tag(trainer.ckpt_dir)
+            sd = get_fp32_state_dict_from_zero_checkpoint(str(trainer.ckpt_dir), tag=tag)
+            model = trainer.model
+            model.load_state_dict(
+                {**{k: v for k, v in model.state_dict().items() if k.startswith("backbone.")},
+                 **{k: v.float() for k, v in sd.items()},
+                 **{k: v for k, v in trainer.engine.module.state_dict().items() if "running" in k
+                    or "num_batches_tracked" in k}}, strict=False)
+            save(path)
+            log.info("exported the trained model to %s", path)
     barrier()
     return path
 
@@ -307,13 +300,11 @@ class RetrievalTask:
         return model
 
     def initialize(self, trainer, ds_config: dict, lr_lambda):
+        from s4v.train.engine import deepspeed_initialize
+
         o, r = self.cfg.optim, self.cfg.retrieval
-        stage = ds_config.get("zero_optimization", {}).get("stage", 0)
-        if stage == 3:
-            raise ValueError("task: retrieval supports ZeRO stages 0-2 (the evaluation scores embeddings on "
-                             "each rank); use e.g. ds_configs/zero2_bf16.json")
         groups = retrieval_param_groups(trainer.model, o.lr, r.clip_lr, o.weight_decay, r.no_decay_bias)
-        return _deepspeed_initialize(RetrievalEngineModule(trainer.model), ds_config, groups, lr_lambda)
+        return deepspeed_initialize(RetrievalEngineModule(trainer.model), ds_config, groups, lr_lambda, o)
 
     def tokenize(self, texts, device) -> torch.Tensor:
         from s4v.model.retrieval import tokenize
