@@ -1,5 +1,6 @@
 """Training building blocks that need no data: DeepSpeed config merging, LR schedule, checkpoint
 bookkeeping, synchronised BatchNorm, recognition metrics."""
+import math
 import os
 import socket
 
@@ -37,6 +38,59 @@ def test_warmup_cosine_schedule():
     assert f(0) == 0 and f(5) == pytest.approx(0.5) and f(10) == pytest.approx(1.0)
     assert f(55) == pytest.approx(0.5) and f(100) == pytest.approx(0.0, abs=1e-12)
     assert all(f(s) >= f(s + 1) for s in range(10, 100))
+
+
+def test_global_progress_cosine_is_clip4clips_schedule():
+    """CLIP4Clip's warmup_cosine(x): x / warmup below warmup, else 0.5 (1 + cos(pi x)), x = step / total."""
+    f = warmup_cosine(total_steps=100, warmup_steps=10, global_progress=True)
+    for step in (0, 5, 10, 11, 50, 99, 100):
+        x = step / 100
+        want = x / 0.1 if x < 0.1 else 0.5 * (1 + math.cos(math.pi * x))
+        assert f(step) == pytest.approx(want, abs=1e-12), step
+
+
+def _bertadam_reference(p0, grads, lr, betas, eps, wd):
+    """The official update, written out per step: no bias correction, decay added to the update."""
+    p, m, v = p0.clone(), torch.zeros_like(p0), torch.zeros_like(p0)
+    for g in grads:
+        m = betas[0] * m + (1 - betas[0]) * g
+        v = betas[1] * v + (1 - betas[1]) * g * g
+        p = p - lr * (m / (v.sqrt() + eps) + wd * p)
+    return p
+
+
+def test_bertadam_matches_the_official_update_and_differs_from_adamw():
+    from s4v.train.bertadam import BertAdam
+
+    torch.manual_seed(0)
+    p0 = torch.randn(7, 3, dtype=torch.float64)
+    grads = [torch.randn(7, 3, dtype=torch.float64) for _ in range(5)]
+    kw = dict(lr=1e-2, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.2)
+    finals = {}
+    for name, cls in (("bert", BertAdam), ("adamw", torch.optim.AdamW)):
+        p = torch.nn.Parameter(p0.clone())
+        opt = cls([p], **kw)
+        for g in grads:
+            p.grad = g.clone()
+            opt.step()
+        finals[name] = p.detach()
+    want = _bertadam_reference(p0, grads, kw["lr"], kw["betas"], kw["eps"], kw["weight_decay"])
+    assert torch.allclose(finals["bert"], want, atol=1e-14)
+    assert (finals["bert"] - finals["adamw"]).abs().max() > 1e-3  # bias correction matters early on
+    # a flattened parameter (as ZeRO hands it over) gets the same elementwise update
+    flat = torch.nn.Parameter(p0.clone().view(-1))
+    opt = BertAdam([flat], **kw)
+    for g in grads:
+        flat.grad = g.clone().view(-1)
+        opt.step()
+    assert torch.allclose(flat.detach().view(7, 3), want, atol=1e-14)
+
+
+def test_bertadam_ds_config_has_no_optimizer_entry():
+    cfg = build_ds_config({"zero_optimization": {"stage": 2}}, **{**DS_ARGS, "optimizer": "bertadam"})
+    assert "optimizer" not in cfg and cfg["zero_allow_untested_optimizer"] is True
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        build_ds_config({}, **{**DS_ARGS, "optimizer": "sgd"})
 
 
 def test_latest_tag_ignores_incomplete(tmp_path):
