@@ -306,3 +306,88 @@ def test_retrieval_side_position_embedding_covers_the_cls_prompt():
     c, s, p = torch.randn(2, 1, 4), torch.randn(2, 3, 4), torch.randn(4, 4)
     assert torch.equal(_prompted(c, s, p), torch.cat([c, s], 1) + p)
     assert torch.equal(_prompted(c, s, p[1:]), torch.cat([c, s + p[1:]], 1))
+
+
+# --------------------------------------------------------------------- EVA02-CLIP official layout
+# The names of EVA-CLIP's own checkpoints (`eva_clip.model.CustomCLIP`: `visual.*` = the EVA vision tower,
+# `text.*` = its `TextTransformer`), as written in baaivision/EVA `eva_clip/transformer.py`.
+EVA_CLIP_TEXT_TOP = ["token_embedding.weight", "positional_embedding", "ln_final.weight", "ln_final.bias",
+                     "text_projection"]
+EVA_CLIP_TEXT_BLOCK = ["ln_1.weight", "ln_1.bias", "attn.in_proj_weight", "attn.in_proj_bias",
+                       "attn.out_proj.weight", "attn.out_proj.bias", "ln_2.weight", "ln_2.bias",
+                       "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias"]
+
+
+def _eva_clip_text_shapes(width, layers, embed, context=77, vocab=49408):
+    shapes = {"token_embedding.weight": (vocab, width), "positional_embedding": (context, width),
+              "ln_final.weight": (width,), "ln_final.bias": (width,), "text_projection": (width, embed)}
+    block = {"ln_1.weight": (width,), "ln_1.bias": (width,), "attn.in_proj_weight": (3 * width, width),
+             "attn.in_proj_bias": (3 * width,), "attn.out_proj.weight": (width, width),
+             "attn.out_proj.bias": (width,), "ln_2.weight": (width,), "ln_2.bias": (width,),
+             "mlp.c_fc.weight": (4 * width, width), "mlp.c_fc.bias": (4 * width,),
+             "mlp.c_proj.weight": (width, 4 * width), "mlp.c_proj.bias": (width,)}
+    for i in range(layers):
+        shapes.update({f"transformer.resblocks.{i}.{k}": s for k, s in block.items()})
+    return shapes
+
+
+def _eva_clip_text_reference(sd, ids, layers, heads):
+    """EVA-CLIP's text forward written out: pre-LN blocks, causal attention, exact GELU, ln_final, and
+    the projection applied to every token (as the retrieval model uses them)."""
+    F = torch.nn.functional
+    t = lambda k: sd["text." + k]  # noqa: E731
+    n, L = ids.shape
+    x = t("token_embedding.weight")[ids] + t("positional_embedding")[:L]
+    width = x.shape[-1]
+    mask = torch.full((L, L), float("-inf"), dtype=x.dtype).triu(1)
+    for i in range(layers):
+        p = f"transformer.resblocks.{i}."
+        h = F.layer_norm(x, (width,), t(p + "ln_1.weight"), t(p + "ln_1.bias"), 1e-5)
+        q, k, v = F.linear(h, t(p + "attn.in_proj_weight"), t(p + "attn.in_proj_bias")).chunk(3, -1)
+        q, k, v = (z.view(n, L, heads, -1).transpose(1, 2) for z in (q, k, v))
+        a = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) + mask, -1) @ v
+        x = x + F.linear(a.transpose(1, 2).reshape(n, L, width), t(p + "attn.out_proj.weight"),
+                         t(p + "attn.out_proj.bias"))
+        h = F.layer_norm(x, (width,), t(p + "ln_2.weight"), t(p + "ln_2.bias"), 1e-5)
+        x = x + F.linear(F.gelu(F.linear(h, t(p + "mlp.c_fc.weight"), t(p + "mlp.c_fc.bias"))),
+                         t(p + "mlp.c_proj.weight"), t(p + "mlp.c_proj.bias"))
+    x = F.layer_norm(x, (width,), t("ln_final.weight"), t("ln_final.bias"), 1e-5)
+    return x @ t("text_projection")
+
+
+def test_eva_clip_official_layout_loads_both_towers(tmp_path):
+    """An EVA02-CLIP checkpoint as EVA-CLIP writes it (`visual.*` EVA tower with norm/head, `text.*`,
+    `logit_scale`) loads into the EVA retrieval model: the text features equal EVA-CLIP's text forward
+    written out, and at init the frame embeddings are the tower's `head(norm(CLS))`."""
+    from s4v.model.retrieval_specs import get_retrieval_spec
+
+    spec = get_retrieval_spec("s4v_retrieval_tiny_eva")
+    fresh = s4v.create_model("s4v_retrieval_tiny_eva", num_frames=4)
+    tower = {**fresh.backbone.tower.state_dict(),  # the tower without its final norm/head, then those
+             **fresh.visual_proj.state_dict()}
+    assert {"norm.weight", "norm.bias", "head.weight", "head.bias"} <= set(tower)
+    gen = torch.Generator().manual_seed(0)
+    sd = {f"visual.{k}": torch.randn(v.shape, generator=gen) * 0.05 for k, v in tower.items()}
+    shapes = _eva_clip_text_shapes(spec.text.width, spec.text.layers, spec.embed_dim)
+    assert set(shapes) == set(EVA_CLIP_TEXT_TOP) | {f"transformer.resblocks.{i}.{k}" for i in range(2)
+                                                      for k in EVA_CLIP_TEXT_BLOCK}
+    sd.update({f"text.{k}": torch.randn(s, generator=gen) * 0.1 for k, s in shapes.items()})
+    sd["logit_scale"] = torch.tensor(math.log(30.0))
+    path = tmp_path / "EVA02_CLIP_tiny.pt"
+    torch.save(sd, path)
+
+    model = s4v.create_model("s4v_retrieval_tiny_eva", num_frames=4, pretrained=path).double().eval()
+    ids = tokenize(["a red square moves left and a blue disc moves up", "a cat"], 32)
+    with torch.no_grad():
+        tokens, _ = model.encode_text(ids)
+    ref = _eva_clip_text_reference({k: v.double() for k, v in sd.items()}, ids, spec.text.layers, spec.text.heads)
+    assert torch.allclose(tokens, ref, atol=1e-10), (tokens - ref).abs().max()
+    assert model.temperature().item() == pytest.approx(30.0, rel=1e-6)
+    video = torch.randn(1, 4, 3, 32, 32, generator=gen, dtype=torch.float64)
+    with torch.no_grad():
+        frames = model.encode_video(video)
+        feats = model.backbone.tower.forward_features(video.flatten(0, 1))
+    cls = torch.nn.functional.layer_norm(feats[:, 0], (feats.shape[-1],), sd["visual.norm.weight"].double(),
+                                         sd["visual.norm.bias"].double(), model.visual_proj.norm.eps)
+    want = torch.nn.functional.linear(cls, sd["visual.head.weight"].double(), sd["visual.head.bias"].double())
+    assert torch.allclose(frames[0], want, atol=1e-10), (frames[0] - want).abs().max()

@@ -60,6 +60,9 @@ RETRIEVAL_MODELS: dict[str, RetrievalSpec] = {
     "s4v_retrieval_tiny": RetrievalSpec(
         MODELS["s4v_tiny"].backbone, _side("s4v_tiny", 64), TextSpec(64, 2, 2),
         "retrieval: tiny CLIP-family towers (random init) for tests"),
+    "s4v_retrieval_tiny_eva": RetrievalSpec(
+        MODELS["s4v_tiny_eva"].backbone, _side("s4v_tiny_eva", 64), TextSpec(64, 2, 2, quick_gelu=False),
+        "retrieval: tiny EVA-family towers (random init) for tests"),
 }
 
 
