@@ -18,6 +18,7 @@ class ModelConfig:
     pretrained: Optional[str] = None  # local weights file of the frozen tower (None: random init)
     backbone_dtype: Literal["fp32", "fp16", "bf16"] = "bf16"  # dtype of the frozen tower
     grad_checkpointing: bool = False  # recompute side blocks in backward
+    shard_backbone: bool = False  # split the frozen tower's weights over each node's ranks (needs `pretrained`)
     overrides: dict[str, Any] = field(default_factory=dict)  # spec fields, e.g. {"side.width": 128}
 
     def validate(self) -> None:

@@ -84,3 +84,36 @@ def test_two_ranks_train_evaluate_and_export(shards, tmp_path):
     assert report["top1"] == pytest.approx(res["val_top1"], abs=1e-6) and report["num_samples"] == 8
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert any("val/top1" in r for r in rows) and any("perf/clips_per_s" in r for r in rows)
+
+
+@pytest.mark.slow
+def test_sharded_frozen_tower_trains_exactly_like_a_replicated_one(shards, tmp_path):
+    """model.shard_backbone on two ranks of one node: each rank keeps half of the frozen tower, and the
+    run's losses equal those of the same run with the tower replicated."""
+    import torch
+
+    import s4v
+
+    torch.manual_seed(3)
+    tower = tmp_path / "tiny_tower.pt"
+    torch.save(s4v.create_model("s4v_tiny", NUM_CLASSES, 4).backbone.tower.state_dict(), tower)
+    common = {"model.pretrained": str(tower), "train.epochs": 1}
+    full = run_train(overrides(shards, tmp_path, "replicated", **common), nproc=2)
+    sharded = run_train(overrides(shards, tmp_path, "sharded", **common, **{"model.shard_backbone": True}), nproc=2)
+    assert full["step"] == sharded["step"] == 6
+    a, b = losses(full["run_dir"]), losses(sharded["run_dir"])
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    for step in a:
+        assert b[step] == pytest.approx(a[step], abs=1e-6), step
+    log = (Path(sharded["run_dir"]) / "train_rank0.log").read_text()
+    assert "frozen tower over 2 ranks of this node" in log, log[-2000:]
+    assert "frozen tower over" not in (Path(full["run_dir"]) / "train_rank0.log").read_text()
+
+
+def test_shard_backbone_without_a_weights_file_is_refused(shards, tmp_path):
+    env = dict(os.environ, DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, "-m", "s4v.train",
+                           *overrides(shards, tmp_path, "refused", **{"model.shard_backbone": True})],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "model.shard_backbone needs model.pretrained" in proc.stdout + proc.stderr

@@ -104,6 +104,9 @@ def preflight(cfg: ExperimentConfig, world_size: int) -> None:
                 train_samples = index.num_samples
     if cfg.model.pretrained and not Path(cfg.model.pretrained).is_file():
         problems.append(f"model.pretrained: no weights file {cfg.model.pretrained!r}")
+    if cfg.model.shard_backbone and not cfg.model.pretrained:
+        problems.append("model.shard_backbone needs model.pretrained: a sharded tower is loaded from its weights "
+                        "file, not saved with the run")
     if cfg.train.grad_accum < 1:
         problems.append(f"train.grad_accum must be >= 1, got {cfg.train.grad_accum}")
     elif train_samples is not None:
@@ -154,6 +157,10 @@ class Trainer:
         with torch.random.fork_rng(devices=[info.device] if info.device.type == "cuda" else []):
             torch.manual_seed(cfg.train.seed)
             self.model = self.task.build_model(info)
+        if cfg.model.shard_backbone:
+            from s4v.train.backbone_shard import shard_frozen_tower
+
+            shard_frozen_tower(self.model.backbone, info.device)
         d = cfg.data
         self.train_loader = build_loader(d, d.train_split, train=True, rank=info.rank,
                                          world_size=info.world_size, epoch=0, device=info.device.type)

@@ -134,9 +134,9 @@ def _export(trainer, save: Callable[[Path], None]) -> Path:
             tag = checkpoint.latest_tag(trainer.ckpt_dir)
             sd = get_fp32_state_dict_from_zero_checkpoint(str(trainer.ckpt_dir), tag=tag)
             model = trainer.model
+            # the frozen tower is as it was built (and maybe sharded): only the engine's parts are reloaded
             model.load_state_dict(
-                {**{k: v for k, v in model.state_dict().items() if k.startswith("backbone.")},
-                 **{k: v.float() for k, v in sd.items()},
+                {**{k: v.float() for k, v in sd.items()},
                  **{k: v for k, v in trainer.engine.module.state_dict().items() if "running" in k
                     or "num_batches_tracked" in k}}, strict=False)
             save(path)
