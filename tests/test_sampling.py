@@ -61,6 +61,22 @@ def test_uniform_test_clips():
     assert uniform_test_indices(2, 4, 2).max() <= 1  # short video stays in range
 
 
+def test_linspace_test_sampling_is_clip4clips_rule():
+    """linspace(0, n-1, T) truncated: both ends included; repeats when the video is shorter than T."""
+    assert clip_indices("linspace", 23, 12, False).tolist() == [[0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22]]
+    assert clip_indices("linspace", 10, 4, False).tolist() == [[0, 3, 6, 9]]
+    assert clip_indices("linspace", 3, 5, False).tolist() == [[0, 0, 1, 1, 2]]
+    with pytest.raises(ValueError, match="one test clip"):
+        clip_indices("linspace", 30, 4, False, clips=2)
+    # the evaluation rule of a config: test_sampling when set, else sampling; training keeps `sampling`
+    cfg = DataConfig(num_frames=4, sampling="segment", test_sampling="linspace", test_crops=1)
+    assert plan_sample(cfg, "k", 0, 10, 64, 64, False, epoch=0).frames.tolist() == [[0, 3, 6, 9]]
+    assert plan_sample(DataConfig(num_frames=4, sampling="segment", test_crops=1), "k", 0, 10, 64, 64, False,
+                       epoch=0).frames.tolist() == [[0, 3, 5, 8]]  # segment middles
+    train = plan_sample(cfg, "k", 0, 12, 64, 64, True, epoch=0).frames.tolist()[0]
+    assert all(3 * i <= f < 3 * i + 3 for i, f in enumerate(train))  # one random frame per segment
+
+
 def test_train_sampling_seeded():
     a = clip_indices("segment", 100, 8, True, rng=sample_rng(3, 1, "vid_a", 1))
     b = clip_indices("segment", 100, 8, True, rng=sample_rng(3, 1, "vid_a", 1))

@@ -158,7 +158,8 @@ def plan_sample(cfg: DataConfig, key: str, label: int, num_frames: int, height: 
             views.append(View(0, tuple(float(v) for v in box), flip, gray,
                               swap.get(label, label) if flip else label, ops))
     else:
-        frames = clip_indices(cfg.sampling, num_frames, cfg.num_frames, False, clips=cfg.test_clips)
+        frames = clip_indices(cfg.test_sampling or cfg.sampling, num_frames, cfg.num_frames, False,
+                              clips=cfg.test_clips)
         boxes = eval_crop_boxes(rh, rw, cfg.image_size, cfg.test_crops)
         views = [View(k, tuple(float(v) for v in b), label=label)
                  for k in range(cfg.test_clips) for b in boxes]

@@ -27,6 +27,7 @@ class DataConfig:
     # --- temporal sampling
     num_frames: int = 8  # T, frames per clip
     sampling: Literal["segment", "uniform"] = "uniform"  # "segment": TSN (SSv2); "uniform": K400 rule (seg=(n-1)/T)
+    test_sampling: Optional[Literal["segment", "uniform", "linspace"]] = None  # evaluation rule (None: `sampling`); "linspace": T frames evenly over the video, ends included (CLIP4Clip, MSR-VTT/MSVD test)
 
     # --- spatial pipeline
     image_size: int = 224  # output H = W in pixels
@@ -68,6 +69,8 @@ class DataConfig:
             bad(f"test_crops must be 1 or 3, got {self.test_crops}")
         if self.test_clips < 1 or self.repeated_aug < 1 or self.batch_size < 1:
             bad("test_clips, repeated_aug and batch_size must be >= 1")
+        if self.test_sampling == "linspace" and self.test_clips != 1:
+            bad(f"test_sampling: linspace takes one test clip, got test_clips={self.test_clips}")
         if not 0 < self.crop_area[0] <= self.crop_area[1] <= 1:
             bad(f"crop_area must satisfy 0 < lo <= hi <= 1, got {self.crop_area}")
         if not 0 < self.crop_ratio[0] <= self.crop_ratio[1]:

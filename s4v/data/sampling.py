@@ -9,6 +9,7 @@ Both loaders call these functions with the same `rng` (see `sample_rng`), so for
   random repeats, sorted (train) or `i*n//T` (test).
 - `uniform` (Kinetics-400): seg = (n-1)/T; train picks a random integer in
   [round(seg*i), round(seg*(i+1))]; test clips start at `linspace(0, n/T-1, K)` with stride n/T.
+- `linspace` (test only, retrieval on MSR-VTT/MSVD): `linspace(0, n-1, T)` truncated to integers.
 - Multi-clip test for `segment`: clip k of K takes `round(seg*i) + int(seg/(K+1)*(k+1))` with
   seg = (n-1)/T. A single test clip uses the segment middles (the per-epoch validation rule).
 """
@@ -85,6 +86,13 @@ def uniform_test_indices(n: int, t: int, clips: int) -> np.ndarray:
     return np.array(out, np.int64)
 
 
+def linspace_test_indices(n: int, t: int) -> np.ndarray:
+    """T indices evenly over the whole video, first and last frame included, truncated to integers
+    (CLIP4Clip's `slice_framepos 2`, the MSR-VTT/MSVD test rule; repeats when n < T)."""
+    _check(n, t)
+    return np.linspace(0, n - 1, num=t).astype(np.int64)
+
+
 def clip_indices(mode: str, n: int, t: int, train: bool, clips: int = 1,
                  rng: np.random.Generator | None = None) -> np.ndarray:
     """[clips, T] frame indices of one video (clips is 1 in training)."""
@@ -97,6 +105,10 @@ def clip_indices(mode: str, n: int, t: int, train: bool, clips: int = 1,
         return segment_test_indices(n, t)[None] if clips == 1 else segment_multiclip_indices(n, t, clips)
     if mode == "uniform":
         return uniform_test_indices(n, t, clips)
+    if mode == "linspace":
+        if clips != 1:
+            raise ValueError(f"linspace sampling takes one test clip, got {clips}")
+        return linspace_test_indices(n, t)[None]
     raise ValueError(f"unknown sampling mode {mode!r}")
 
 
