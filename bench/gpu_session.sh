@@ -34,13 +34,13 @@ part1)
   $PY -c "import torch, open_clip, timm, deepspeed; print(torch.__version__, open_clip.__version__, timm.__version__, deepspeed.__version__)"
   step "GPU unit tests"; timeout 240 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -n 15
   step "memory / speed table"; OUT="$OUT" bash bench/gpu.sh --budget-s "${BENCH_BUDGET_S:-110}"
-  step "synthetic H.264 shards"; synthetic /tmp/synth_h264 --codec h264
+  step "synthetic H.264 shards (64 px: NVDEC decodes H.264 from 48 px wide)"; synthetic /tmp/synth_h264 --codec h264 --size 64
   step "1-GPU DeepSpeed bf16 training, PyAV loader"; train_smoke gpu_pyav pyav /tmp/synth_h264
   ;;
 part2)
   $PY -c "import nvidia.dali as d; print('DALI', d.__version__)" || exit 1
   step "DALI mixed (NVDEC) tests"; timeout 200 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_loader.py 2>&1 | tail -n 15
-  step "synthetic H.264 shards"; synthetic /tmp/synth_h264 --codec h264
+  step "synthetic H.264 shards (64 px)"; synthetic /tmp/synth_h264 --codec h264 --size 64
   step "1-GPU DeepSpeed bf16 training, DALI GPU decoding"; train_smoke gpu_dali dali /tmp/synth_h264
   step "loader table: 320px clips of 64 frames"; synthetic /tmp/synth_320 --codec h264 --size 320 --frames 64 --train 256 --val 16
   timeout 200 $PY -m s4v.cli.main bench loader --shards /tmp/synth_320 --split train --batches 12 \
