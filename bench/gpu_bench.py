@@ -36,7 +36,7 @@ PLAN = [  # (model, variants, baselines), in order of priority
 PAPER_KEY = {"s4v_b16": "B/16", "s4v_l14": "L/14"}
 
 
-def run_row(label, name, overrides, ckpt, batch, frames, device, size, flops, peak_tflops):
+def run_row(label, name, overrides, ckpt, batch, frames, device, size, flops, peak_tflops, trace_peak=False):
     while batch >= 1:
         model = video = None
         try:
@@ -45,7 +45,7 @@ def run_row(label, name, overrides, ckpt, batch, frames, device, size, flops, pe
             if ckpt:
                 model.set_grad_checkpointing(True)
             video = torch.randn(batch, frames, 3, size, size, device=device)
-            r = measure(model, video, "bf16", label, name, step=True)
+            r = measure(model, video, "bf16", label, name, step=True, trace_peak=trace_peak)
             out = dict(row=label, model=name, batch=batch, status="ok", trainable_M=r.trainable / 1e6,
                        saved_per_clip_MiB=r.saved / batch / MiB, step_s=r.step_s, clips_s=batch / r.step_s,
                        cuda_peak_GB=(r.cuda_peak or 0) / 1e9,
@@ -53,6 +53,12 @@ def run_row(label, name, overrides, ckpt, batch, frames, device, size, flops, pe
                        weights_GB=r.weights / 1e9, grads_GB=r.grads / 1e9, optim_GB=r.optim / 1e9)
             if flops and device == "cuda":
                 out["mfu"] = flops * batch / r.step_s / (peak_tflops * 1e12)
+            if r.peak_sites is not None:
+                from s4v.bench.cuda_peak import format_groups
+
+                out["peak_sites"], out["peak_base_GB"] = r.peak_sites, r.peak_base / 1e9
+                print(f"{label} batch {batch}:\n" + format_groups(r.peak_sites, r.peak_base), file=sys.stderr,
+                      flush=True)
             return out
         except torch.OutOfMemoryError:
             print(f"  {label}: OOM at batch {batch}", flush=True)
@@ -73,7 +79,8 @@ def run_row_in_subprocess(a, label, name, overrides, ckpt, size, flops) -> dict:
     tracker's references) can raise the next row's peak; the first GPU run without this saw peaks
     grow row after row."""
     job = json.dumps(dict(label=label, name=name, overrides=overrides, ckpt=ckpt, batch=a.batch, frames=a.frames,
-                          device=a.device, size=size, flops=flops, peak_tflops=a.peak_tflops))
+                          device=a.device, size=size, flops=flops, peak_tflops=a.peak_tflops,
+                          trace_peak=a.trace_peak))
     import subprocess
 
     try:
@@ -87,6 +94,9 @@ def run_row_in_subprocess(a, label, name, overrides, ckpt, size, flops) -> dict:
     for x in proc.stdout.splitlines():
         if "OOM at batch" in x:
             print(x, flush=True)
+    peak = proc.stderr[proc.stderr.find(f"{label} batch"):] if f"{label} batch" in proc.stderr else ""
+    if peak:  # the row's peak breakdown (--trace-peak)
+        print(peak.strip(), flush=True)
     return json.loads(lines[-1][4:])
 
 
@@ -119,7 +129,7 @@ def main(argv=None) -> int:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         r = run_row(job["label"], job["name"], job["overrides"], job["ckpt"], job["batch"], job["frames"],
-                    job["device"], job["size"], job["flops"], job["peak_tflops"])
+                    job["device"], job["size"], job["flops"], job["peak_tflops"], job.get("trace_peak", False))
         print("ROW " + json.dumps(r), flush=True)
         return 0
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -131,6 +141,8 @@ def main(argv=None) -> int:
     p.add_argument("--budget-s", type=float, default=230.0, help="start no new row after this many seconds")
     p.add_argument("--peak-tflops", type=float, default=989.0)
     p.add_argument("--no-baselines", action="store_true")
+    p.add_argument("--trace-peak", action="store_true",
+                   help="also record the allocator's trace of each timed step and list what is live at its peak")
     a = p.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
     t_start = time.time()

@@ -33,7 +33,7 @@ part1)
   step "GPU"; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   $PY -c "import torch, open_clip, timm, deepspeed; print(torch.__version__, open_clip.__version__, timm.__version__, deepspeed.__version__)"
   step "GPU unit tests"; timeout 240 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -n 15
-  step "memory / speed table"; OUT="$OUT" bash bench/gpu.sh --budget-s "${BENCH_BUDGET_S:-110}"
+  step "memory / speed table"; OUT="$OUT" bash bench/gpu.sh --budget-s "${BENCH_BUDGET_S:-110}" --trace-peak
   step "synthetic H.264 shards (64 px: NVDEC decodes H.264 from 48 px wide)"; synthetic /tmp/synth_h264 --codec h264 --size 64
   step "1-GPU DeepSpeed bf16 training, PyAV loader"; train_smoke gpu_pyav pyav /tmp/synth_h264
   ;;

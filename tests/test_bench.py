@@ -84,3 +84,32 @@ def test_gpu_script_dry_run_on_cpu(tmp_path):
     data = json.loads((tmp_path / "gpu_bench.json").read_text())
     assert [r["status"] for r in data["rows"]] == ["ok"] * 4
     assert "| s4v_tiny default |" in (tmp_path / "gpu_bench.md").read_text()
+
+
+def test_live_at_peak_replays_the_allocator_trace():
+    """A hand-made allocator trace: the peak is where the most bytes are allocated at once, and the blocks
+    live there are grouped by the innermost frame of model code that allocated them."""
+    from s4v.bench.cuda_peak import format_groups, live_at_peak, where
+
+    side = [{"filename": "/x/torch/autograd/graph.py", "line": 1, "name": "run"},
+            {"filename": "/repo/s4v/model/side_net.py", "line": 140, "name": "forward"}]
+    tower = [{"filename": "/site/open_clip/transformer.py", "line": 77, "name": "attention"}]
+    other = [{"filename": "/x/elsewhere.py", "line": 5, "name": "f"}]
+    trace = [
+        {"action": "alloc", "addr": 1, "size": 100, "frames": tower},
+        {"action": "alloc", "addr": 2, "size": 50, "frames": side},
+        {"action": "free_requested", "addr": 1, "size": 100, "frames": []},
+        {"action": "free_completed", "addr": 1, "size": 100, "frames": []},
+        {"action": "alloc", "addr": 3, "size": 70, "frames": side},
+        {"action": "alloc", "addr": 4, "size": 40, "frames": other},  # peak: 50 + 70 + 40 = 160
+        {"action": "free_requested", "addr": 3, "size": 70, "frames": []},
+        {"action": "alloc", "addr": 5, "size": 60, "frames": tower},  # 150, below the peak
+        {"action": "free_requested", "addr": 99, "size": 10, "frames": []},  # allocated before the trace
+    ]
+    r = live_at_peak(trace)
+    assert r["peak_growth"] == 160 and r["peak_index"] == 5 and r["events"] == 9
+    assert [(g["site"], g["bytes"], g["blocks"]) for g in r["groups"]] == [
+        ("side_net.py:140 forward", 120, 2), ("elsewhere.py:5 f", 40, 1)]
+    assert where(tower) == "transformer.py:77 attention" and where([]) == "?"
+    text = format_groups(r, base=2 * 10 ** 9)
+    assert "2.00 GB before the step" in text and "side_net.py:140 forward" in text

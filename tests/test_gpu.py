@@ -49,3 +49,16 @@ def test_cuda_grad_checkpointing_same_grads():
         m(x).sum().backward()
     for (n, p), (_, q) in zip(a.side.named_parameters(), b.side.named_parameters()):
         assert torch.allclose(p.grad, q.grad, atol=1e-5, rtol=1e-4), n
+
+
+def test_cuda_peak_trace_accounts_for_the_peak():
+    """The allocator trace of a step explains its peak: what was allocated before the step plus the
+    trace's peak growth is the step's max_memory_allocated (to the allocator's rounding)."""
+    from s4v.bench.memory import build, measure
+
+    model = build("s4v_tiny", 4, "bf16", "cuda", {})
+    video = torch.randn(8, 4, 3, 32, 32, device="cuda")
+    row = measure(model, video, "bf16", step=True, trace_peak=True)
+    assert row.peak_sites is not None and row.peak_sites["groups"]
+    total = row.peak_base + row.peak_sites["peak_growth"]
+    assert abs(total - row.cuda_peak) <= 0.05 * row.cuda_peak, (total, row.cuda_peak)

@@ -175,6 +175,8 @@ class Row:
     categories: dict = dataclasses.field(default_factory=dict)
     step_s: float = float("nan")
     cuda_peak: Optional[int] = None
+    peak_sites: Optional[dict] = None  # CUDA: what is live at the step's peak (s4v.bench.cuda_peak)
+    peak_base: int = 0  # CUDA: bytes allocated when the timed step began
     note: str = ""
 
     @property
@@ -194,9 +196,10 @@ def _autocast(device: str, precision: str):
 
 def measure(model: nn.Module, video: torch.Tensor, precision: str = "fp32", name: str = "",
             model_name: str = "", step: bool = False, label: Optional[torch.Tensor] = None,
-            categorize_fn=categorize) -> Row:
+            categorize_fn=categorize, trace_peak: bool = False) -> Row:
     """Saved-for-backward bytes of one training forward of `model` on `video` (and, with `step`, the time
-    and, on CUDA, the peak memory of forward + backward + AdamW step)."""
+    and, on CUDA, the peak memory of forward + backward + AdamW step; with `trace_peak` also what is
+    live at that peak, from the allocator's trace of the timed step)."""
     device = video.device.type
     model.train()
     params = list(model.parameters())
@@ -217,10 +220,16 @@ def measure(model: nn.Module, video: torch.Tensor, precision: str = "fp32", name
     gc.collect()
     if step:
         opt = torch.optim.AdamW(trainable, lr=1e-4, foreach=False)
-        for i in range(2):  # warm-up step, then the timed one
+        tracing_step = 2 if (trace_peak and device == "cuda") else -1
+        for i in range(3 if tracing_step > 0 else 2):  # warm-up step, the timed one, [a traced one]
+            tracing = i == tracing_step
             if device == "cuda":
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
+            if tracing:
+                from s4v.bench.cuda_peak import start_recording
+
+                row.peak_base = start_recording()
             t0 = time.perf_counter()
             with _autocast(device, precision):
                 loss = nn.functional.cross_entropy(model(video).float(), label)
@@ -229,9 +238,14 @@ def measure(model: nn.Module, video: torch.Tensor, precision: str = "fp32", name
             opt.zero_grad(set_to_none=True)
             if device == "cuda":
                 torch.cuda.synchronize()
+            if tracing:  # a step of its own: recording slows it, so it is not the timed one
+                from s4v.bench.cuda_peak import stop_recording
+
+                row.peak_sites = stop_recording()
+                continue
             row.step_s = time.perf_counter() - t0
-        if device == "cuda":
-            row.cuda_peak = torch.cuda.max_memory_allocated()
+            if device == "cuda":
+                row.cuda_peak = torch.cuda.max_memory_allocated()
         del opt, loss
     return row
 
