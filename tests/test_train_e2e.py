@@ -117,3 +117,37 @@ def test_shard_backbone_without_a_weights_file_is_refused(shards, tmp_path):
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "model.shard_backbone needs model.pretrained" in proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [1, 3])
+def test_zero_stages_train_like_zero2(shards, tmp_path, stage):
+    """Two ranks, fp32: ZeRO-1 and ZeRO-3 (parameters partitioned and gathered per module) give ZeRO-2's
+    per-step losses, and the export of a ZeRO-3 run evaluates like the run's own last evaluation."""
+    extra = {"train.epochs": 1, "eval.at_end": True, "train.export": True}
+    ref = run_train(overrides(shards, tmp_path, "zero2", **extra), nproc=2)
+    got = run_train(overrides(shards, tmp_path, f"zero{stage}", **extra,
+                              **{"engine.ds_config": f"ds_configs/zero{stage}_fp32.json"}), nproc=2)
+    a, b = losses(ref["run_dir"]), losses(got["run_dir"])
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    for step in a:
+        assert b[step] == pytest.approx(a[step], abs=1e-5), step
+    assert json.loads((Path(got["run_dir"]) / "ds_config.json").read_text())["zero_optimization"]["stage"] == stage
+    out = subprocess.run([sys.executable, "-m", "s4v.cli.main", "eval", got["run_dir"]], cwd=REPO,
+                         capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads((Path(got["run_dir"]) / "eval.json").read_text())["top1"] == pytest.approx(got["val_top1"])
+
+
+@pytest.mark.slow
+def test_bertadam_resume_gives_the_same_losses(shards, tmp_path):
+    """The client optimizer's state (BertAdam moments) is checkpointed and restored like DeepSpeed's own."""
+    opt = {"optim.optimizer": "bertadam", "optim.schedule": "cosine_global", "train.epochs": 1}
+    full = run_train(overrides(shards, tmp_path, "full", **opt))
+    run_train(overrides(shards, tmp_path, "resumed", **opt, **{"train.max_steps": 5}))
+    rest = run_train(overrides(shards, tmp_path, "resumed", **opt))
+    a, b = losses(full["run_dir"]), losses(rest["run_dir"])
+    assert sorted(a) == sorted(b) == list(range(1, 13))
+    for step in a:
+        assert b[step] == pytest.approx(a[step], abs=1e-6), step
