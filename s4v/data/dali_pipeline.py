@@ -212,6 +212,16 @@ class DaliEngine:
         q: queue.Queue = queue.Queue(maxsize=max(1, self.cfg.prefetch))
         stop = threading.Event()
 
+        def put(item) -> bool:
+            """Hand `item` to the consumer; False when the consumer has gone (stop is set)."""
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.2)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
         def produce() -> None:
             reader = ShardReader(self.root, self.table)
             try:
@@ -219,27 +229,11 @@ class DaliEngine:
                     hb = prepare_batch(self.cfg, reader, b, batches[b], self.train, epoch)
                     batch, skipped = self.render_batch(hb)
                     batch["_index"], batch["_skipped"] = b, skipped
-                    while not stop.is_set():
-                        try:
-                            q.put(batch, timeout=0.2)
-                            break
-                        except queue.Full:
-                            continue
-                    if stop.is_set():
+                    if not put(batch):
                         return
-                while not stop.is_set():
-                    try:
-                        q.put(None, timeout=0.2)
-                        break
-                    except queue.Full:
-                        continue
+                put(None)
             except BaseException as e:  # hand any error to the consumer instead of dying silently
-                while not stop.is_set():
-                    try:
-                        q.put(e, timeout=0.2)
-                        break
-                    except queue.Full:
-                        continue
+                put(e)
             finally:
                 reader.close()
 
