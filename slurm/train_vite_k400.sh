@@ -11,6 +11,9 @@
 # The recipe's global batch (8 clips/GPU x 8 GPUs = 64) assumes 8 GPUs; with --nodes=2 it is 128. Pass
 # data.batch_size=4 to keep 64, or scale optim.lr.
 #
+# GPUs with little memory: model.shard_backbone=true splits the frozen 8.7 GB bf16 tower over the 8 GPUs
+# of each node (about 1.1 GB each; see docs/performance.md), model.grad_checkpointing=true is already on.
+#
 # Preemption and time limits: Slurm sends SIGUSR1 to the tasks 300 s before the time limit
 # (--signal=USR1@300; SIGTERM from a preemption works the same). The run saves a checkpoint at the next
 # step, rank 0 requeues this job (`scontrol requeue`), and the requeued job (same job id, so the same run
