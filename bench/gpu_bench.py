@@ -9,7 +9,6 @@ halved until it fits. One failing row does not stop the others. Results are rewr
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gc
 import json
 import os

@@ -195,7 +195,7 @@ def test_max_shard_bytes_splits_into_parts(folder_dataset, tmp_path):
 
 
 def test_vp9_fps_and_trim(tmp_path):
-    src = make_video(tmp_path / "src" / "long.mp4", 50, fps=25)  # 2 s
+    make_video(tmp_path / "src" / "long.mp4", 50, fps=25)  # 2 s
     manifest = tmp_path / "m.jsonl"
     manifest.write_text(json.dumps({"path": "src/long.mp4", "label": "a", "id": "whole"}) + "\n"
                         + json.dumps({"path": "src/long.mp4", "label": "a", "id": "cut", "start": 0.4, "end": 1.4})
