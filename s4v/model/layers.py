@@ -82,9 +82,36 @@ class TokenBatchNorm(nn.BatchNorm1d):
         return self.training and torch.is_grad_enabled()
 
     def cross_rank_sum(self):
-        """None: statistics of this rank's batch. A variant synchronised over ranks returns an in-place
-        sum over ranks (`fn(tensor)`), which the fused functions use for statistics and their backward."""
+        """None: statistics of this rank's batch. A variant synchronised over ranks returns a function
+        giving a tensor's sum over ranks, used for its statistics (`batch_moments`) and, in the fused
+        functions, for their backward sums."""
         return None
+
+
+def batch_moments(flat: torch.Tensor, sum_over_ranks) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean, biased variance, count) per channel of `flat` `[M, D]`, over every rank's rows."""
+    d = flat.shape[-1]
+    stats = sum_over_ranks(torch.cat([flat.sum(0), (flat * flat).sum(0), flat.new_full((1,), flat.shape[0])]))
+    n = stats[-1]
+    mean = stats[:d] / n
+    return mean, (stats[d:2 * d] / n - mean * mean).clamp_min(0), n
+
+
+@torch.no_grad()
+def update_running_stats(running_mean, running_var, mean, var, n, momentum: float) -> None:
+    """BatchNorm's running update (unbiased variance) from batch moments; nothing without running stats."""
+    if running_mean is None:
+        return
+    unbiased = var * (n / (n - 1).clamp_min(1))
+    running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+    running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+
+
+def normalize(flat: torch.Tensor, mean, invstd, weight=None, bias=None) -> torch.Tensor:
+    out = (flat - mean) * invstd
+    if weight is not None:
+        out = out * weight
+    return out if bias is None else out + bias
 
 
 def shift_cls(cls_tokens: torch.Tensor, num_frames: int) -> torch.Tensor:
@@ -146,31 +173,12 @@ class NormOp:
         rm, rv, momentum = self.running
         flat = x.reshape(-1, x.shape[-1]).to(c)
         if self.sum_over_ranks is not None:
-            mean, invstd = self._global_stats(flat, rm, rv, momentum)
-            return self._normalize(flat, mean, invstd, wc, bc).to(x.dtype).view(x.shape), (mean, invstd)
+            mean, var, n = batch_moments(flat, self.sum_over_ranks)
+            update_running_stats(rm, rv, mean, var, n, momentum)
+            invstd = torch.rsqrt(var + self.eps)
+            return normalize(flat, mean, invstd, wc, bc).to(x.dtype).view(x.shape), (mean, invstd)
         out, s1, s2 = torch.native_batch_norm(flat, wc, bc, rm, rv, True, momentum, self.eps)
         return out.to(x.dtype).view(x.shape), (s1, s2)
-
-    def _global_stats(self, flat, rm, rv, momentum):
-        """Mean and 1/std over every rank's batch (as SyncTokenBatchNorm); updates the running stats."""
-        d = flat.shape[-1]
-        stats = torch.cat([flat.sum(0), (flat * flat).sum(0), flat.new_full((1,), flat.shape[0])])
-        self.sum_over_ranks(stats)
-        n = stats[-1]
-        mean = stats[:d] / n
-        var = (stats[d:2 * d] / n - mean * mean).clamp_min(0)
-        if rm is not None:
-            unbiased = var * (n / (n - 1).clamp_min(1))
-            rm.mul_(1 - momentum).add_(mean.to(rm.dtype), alpha=momentum)
-            rv.mul_(1 - momentum).add_(unbiased.to(rv.dtype), alpha=momentum)
-        return mean, torch.rsqrt(var + self.eps)
-
-    @staticmethod
-    def _normalize(flat, mean, invstd, wc, bc):
-        out = (flat - mean) * invstd
-        if wc is not None:
-            out = out * wc
-        return out if bc is None else out + bc
 
     def recompute(self, x, w, b, stats):
         c = torch.promote_types(x.dtype, torch.float32)
@@ -181,7 +189,7 @@ class NormOp:
         # batch statistics again, running statistics untouched: the same kernel and values as forward
         flat = x.reshape(-1, x.shape[-1]).to(c)
         if self.sum_over_ranks is not None:  # the saved global statistics (no second collective)
-            return self._normalize(flat, stats[0], stats[1], wc, bc).to(x.dtype).view(x.shape)
+            return normalize(flat, stats[0], stats[1], wc, bc).to(x.dtype).view(x.shape)
         return torch.native_batch_norm(flat, wc, bc, None, None, True, 0.0, self.eps)[0].to(x.dtype).view(x.shape)
 
     def _global_backward(self, gy, x, wc, stats):
@@ -192,8 +200,7 @@ class NormOp:
         d = x.shape[-1]
         g, xhat = gy.reshape(-1, d), (x.reshape(-1, d) - mean) * invstd
         gb, gw = g.sum(0), (g * xhat).sum(0)
-        sums = torch.cat([gb, gw, g.new_full((1,), g.shape[0])])
-        self.sum_over_ranks(sums)
+        sums = self.sum_over_ranks(torch.cat([gb, gw, g.new_full((1,), g.shape[0])]))
         n = sums[-1]
         scale = invstd if wc is None else invstd * wc
         gx = scale * (g - sums[:d] / n - xhat * (sums[d:2 * d] / n))

@@ -13,41 +13,28 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 from torch import nn
 
-from s4v.model.layers import TokenBatchNorm, is_recomputing
+from s4v.model.layers import TokenBatchNorm, batch_moments, normalize, update_running_stats
 
 
 class SyncTokenBatchNorm(TokenBatchNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or not dist.is_initialized() or dist.get_world_size() == 1:
+        sum_over_ranks = self.cross_rank_sum()
+        if sum_over_ranks is None:
             return super().forward(x)
         shape, dtype = x.shape, x.dtype
         compute = torch.promote_types(dtype, torch.float32)
         flat = x.reshape(-1, shape[-1]).to(compute)
-        count = flat.new_full((1,), flat.shape[0])
-        stats = torch.cat([flat.sum(0), (flat * flat).sum(0), count])
-        stats = dist_fn.all_reduce(stats)  # differentiable: gradients flow to every rank's inputs
-        d = shape[-1]
-        n = stats[-1]
-        mean = stats[:d] / n
-        var = (stats[d:2 * d] / n - mean * mean).clamp_min(0)
-        if self.track_running_stats and not is_recomputing():
-            with torch.no_grad():
-                if self.num_batches_tracked is not None:
-                    self.num_batches_tracked.add_(1)
-                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-                unbiased = var * (n / (n - 1).clamp_min(1))
-                self.running_mean.mul_(1 - m).add_(mean.to(self.running_mean.dtype), alpha=m)
-                self.running_var.mul_(1 - m).add_(unbiased.to(self.running_var.dtype), alpha=m)
-        out = (flat - mean) * torch.rsqrt(var + self.eps)
-        if self.weight is not None:
-            out = out * self.weight.to(compute) + self.bias.to(compute)
-        return out.to(dtype).view(shape)
-
+        running_mean, running_var, momentum = self._stats_for_forward()
+        mean, var, n = batch_moments(flat, sum_over_ranks)
+        update_running_stats(running_mean, running_var, mean, var, n, momentum)
+        weight = None if self.weight is None else self.weight.to(compute)
+        bias = None if self.bias is None else self.bias.to(compute)
+        return normalize(flat, mean, torch.rsqrt(var + self.eps), weight, bias).to(dtype).view(shape)
 
     def cross_rank_sum(self):
         if not self.training or not dist.is_initialized() or dist.get_world_size() == 1:
             return None
-        return dist.all_reduce  # in place, sum
+        return dist_fn.all_reduce  # sum, differentiable: gradients flow to every rank's inputs
 
 
 def convert_sync_token_bn(module: nn.Module) -> nn.Module:
