@@ -118,15 +118,21 @@ def preflight(cfg: ExperimentConfig, world_size: int) -> None:
     if cfg.train.resume not in ("auto", "none") and not Path(cfg.train.resume).is_dir():
         problems.append(f"train.resume: no checkpoint folder {cfg.train.resume!r} (use auto, none or a folder)")
     try:
-        build_ds_config(load_ds_json(cfg.engine.ds_config), micro_batch=d.batch_size * num_views(d, True),
-                        grad_accum=max(1, cfg.train.grad_accum), world_size=world_size,
-                        grad_clip=cfg.optim.grad_clip, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
-                        weight_decay=cfg.optim.weight_decay, optimizer=cfg.optim.optimizer,
-                        device_type="cuda" if torch.cuda.is_available() else "cpu")
+        experiment_ds_config(cfg, d.batch_size * num_views(d, True), max(1, cfg.train.grad_accum), world_size,
+                             "cuda" if torch.cuda.is_available() else "cpu")
     except (FileNotFoundError, ValueError) as err:
         problems.append(f"engine.ds_config: {err}")
     if problems:
         raise ConfigError("s4v train: cannot start:\n  - " + "\n  - ".join(problems))
+
+
+def experiment_ds_config(cfg: ExperimentConfig, micro_batch: int, grad_accum: int, world_size: int,
+                         device_type: str) -> dict:
+    """The DeepSpeed config of `cfg`: its JSON plus the batch, clipping and optimizer of the YAML."""
+    o = cfg.optim
+    return build_ds_config(load_ds_json(cfg.engine.ds_config), micro_batch=micro_batch, grad_accum=grad_accum,
+                           world_size=world_size, grad_clip=o.grad_clip, lr=o.lr, betas=o.betas, eps=o.eps,
+                           weight_decay=o.weight_decay, device_type=device_type, optimizer=o.optimizer)
 
 
 def with_label_range(cfg: ExperimentConfig) -> ExperimentConfig:
@@ -170,11 +176,8 @@ class Trainer:
                              f"train.grad_accum={cfg.train.grad_accum}; use more data or smaller batches")
         total = cfg.train.epochs * self.steps_per_epoch
         warmup = round(cfg.optim.warmup_epochs * self.steps_per_epoch)
-        ds_config = build_ds_config(
-            load_ds_json(cfg.engine.ds_config), micro_batch=self.train_loader.clips_per_batch,
-            grad_accum=cfg.train.grad_accum, world_size=info.world_size, grad_clip=cfg.optim.grad_clip,
-            lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
-            weight_decay=cfg.optim.weight_decay, device_type=info.device.type, optimizer=cfg.optim.optimizer)
+        ds_config = experiment_ds_config(cfg, self.train_loader.clips_per_batch, cfg.train.grad_accum,
+                                         info.world_size, info.device.type)
         self.engine, self.optimizer, self.scheduler = self.task.initialize(
             self, ds_config, warmup_cosine(total, warmup, cfg.optim.min_lr_ratio,
                                            global_progress=cfg.optim.schedule == "cosine_global"))
