@@ -53,11 +53,7 @@ def run_row(label, name, overrides, ckpt, batch, frames, device, size, flops, pe
             if flops and device == "cuda":
                 out["mfu"] = flops * batch / r.step_s / (peak_tflops * 1e12)
             if r.peak_sites is not None:
-                from s4v.bench.cuda_peak import format_groups
-
-                out["peak_sites"], out["peak_base_GB"] = r.peak_sites, r.peak_base / 1e9
-                print(f"{label} batch {batch}:\n" + format_groups(r.peak_sites, r.peak_base), file=sys.stderr,
-                      flush=True)
+                out["peak_sites"], out["peak_base"] = r.peak_sites, r.peak_base
             return out
         except torch.OutOfMemoryError:
             print(f"  {label}: OOM at batch {batch}", flush=True)
@@ -93,10 +89,12 @@ def run_row_in_subprocess(a, label, name, overrides, ckpt, size, flops) -> dict:
     for x in proc.stdout.splitlines():
         if "OOM at batch" in x:
             print(x, flush=True)
-    peak = proc.stderr[proc.stderr.find(f"{label} batch"):] if f"{label} batch" in proc.stderr else ""
-    if peak:  # the row's peak breakdown (--trace-peak)
-        print(peak.strip(), flush=True)
-    return json.loads(lines[-1][4:])
+    row = json.loads(lines[-1][4:])
+    if "peak_sites" in row:  # --trace-peak: what is live at the row's peak
+        from s4v.bench.cuda_peak import format_groups
+
+        print(f"{label} batch {row['batch']}:\n" + format_groups(row["peak_sites"], row["peak_base"]), flush=True)
+    return row
 
 
 def to_markdown(rows, info):
