@@ -54,6 +54,8 @@ def run_row(label, name, overrides, ckpt, batch, frames, device, size, flops, pe
                 out["mfu"] = flops * batch / r.step_s / (peak_tflops * 1e12)
             if r.peak_sites is not None:
                 out["peak_sites"], out["peak_base"] = r.peak_sites, r.peak_base
+            if r.peak_op is not None:
+                out["peak_op"] = r.peak_op
             return out
         except torch.OutOfMemoryError:
             print(f"  {label}: OOM at batch {batch}", flush=True)
@@ -90,10 +92,14 @@ def run_row_in_subprocess(a, label, name, overrides, ckpt, size, flops) -> dict:
         if "OOM at batch" in x:
             print(x, flush=True)
     row = json.loads(lines[-1][4:])
-    if "peak_sites" in row:  # --trace-peak: what is live at the row's peak
+    if "peak_op" in row:  # --trace-peak: where the row's step peaks, and what is live there
         from s4v.bench.cuda_peak import format_groups
+        from s4v.bench.op_peak import format_report
 
-        print(f"{label} batch {row['batch']}:\n" + format_groups(row["peak_sites"], row["peak_base"]), flush=True)
+        report = [format_report(row["peak_op"])]
+        if "peak_sites" in row:
+            report.append(format_groups(row["peak_sites"], row["peak_base"]))
+        print(f"{label} batch {row['batch']}:\n" + "\n".join(report), flush=True)
     return row
 
 
@@ -139,7 +145,8 @@ def main(argv=None) -> int:
     p.add_argument("--peak-tflops", type=float, default=989.0)
     p.add_argument("--no-baselines", action="store_true")
     p.add_argument("--trace-peak", action="store_true",
-                   help="also record the allocator's trace of each timed step and list what is live at its peak")
+                   help="one more step per row: the operator call where it peaks, the calls with the largest "
+                        "transient memory, and what is live at the peak (the allocator's trace)")
     a = p.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
     t_start = time.time()

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from s4v.bench.baselines import create_baseline
 from s4v.bench.memory import main as memory_main
@@ -78,11 +79,15 @@ def test_gpu_script_dry_run_on_cpu(tmp_path):
     """bench/gpu.sh's driver on the CPU with the tiny model: every row ends ok or recorded, table written."""
     assert subprocess.run(["bash", "-n", str(ROOT / "bench" / "gpu.sh")]).returncode == 0
     res = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_bench.py"), "--device", "cpu", "--models",
-                          "s4v_tiny", "--batch", "2", "--frames", "4", "--out", str(tmp_path)],
+                          "s4v_tiny", "--batch", "2", "--frames", "4", "--out", str(tmp_path), "--trace-peak"],
                          capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     data = json.loads((tmp_path / "gpu_bench.json").read_text())
     assert [r["status"] for r in data["rows"]] == ["ok"] * 4
+    # --trace-peak: each row says in which call its step peaks (on the CPU from the live outputs)
+    for r in data["rows"]:
+        assert r["peak_op"]["calls"] > 50 and r["peak_op"]["peak"]["high"] > 0, r
+    assert res.stdout.count("step peak ") == 4 and "(backward in " in res.stdout, res.stdout[-3000:]
     assert "| s4v_tiny default |" in (tmp_path / "gpu_bench.md").read_text()
 
 
@@ -113,3 +118,83 @@ def test_live_at_peak_replays_the_allocator_trace():
     assert where(tower) == "transformer.py:77 attention" and where([]) == "?"
     text = format_groups(r, base=2 * 10 ** 9)
     assert "2.00 GB before the step" in text and "side_net.py:140 forward" in text
+
+
+class _ScriptedAllocator:
+    """Counters that only the test's custom ops move: `keep` allocates for good, `workspace` allocates
+    and frees inside one call."""
+
+    def __init__(self):
+        self.current = self.high = 0
+
+    def allocated(self):
+        return self.current
+
+    def peak(self):
+        return self.high
+
+    def reset_peak(self):
+        self.high = self.current
+
+    def alloc(self, n):
+        self.current += n
+        self.high = max(self.high, self.current)
+
+
+_ALLOC = _ScriptedAllocator()
+
+
+@torch.library.custom_op("s4v_test::keep", mutates_args=())
+def _keep(x: torch.Tensor, nbytes: int) -> torch.Tensor:
+    _ALLOC.alloc(nbytes)
+    return x.clone()
+
+
+@torch.library.custom_op("s4v_test::workspace", mutates_args=())
+def _workspace(x: torch.Tensor, nbytes: int, backward_nbytes: int) -> torch.Tensor:
+    _ALLOC.alloc(nbytes)
+    _ALLOC.alloc(-nbytes)
+    return x * 2
+
+
+def _workspace_backward(ctx, grad):
+    return torch.ops.s4v_test.workspace(grad, ctx.backward_nbytes, 0), None, None
+
+
+def _workspace_setup(ctx, inputs, output):
+    ctx.backward_nbytes = inputs[2]
+
+
+torch.library.register_autograd("s4v_test::workspace", _workspace_backward, setup_context=_workspace_setup)
+torch.library.register_autograd("s4v_test::keep", lambda ctx, g: (g, None))
+
+
+def test_op_peak_recorder_names_the_call_and_module_where_a_step_peaks():
+    """The step's peak is inside the backward of `second`'s op (100 kept + 300 of workspace); the
+    transients are ranked with their phase and module; a call without allocations is not listed."""
+    from s4v.bench.op_peak import OpPeakRecorder, format_report
+
+    class First(nn.Module):
+        def forward(self, x):
+            return torch.ops.s4v_test.workspace(torch.ops.s4v_test.keep(x, 100), 10, 0)
+
+    class Second(nn.Module):
+        def forward(self, x):
+            return torch.ops.s4v_test.workspace(x, 50, 300)
+
+    model = nn.Sequential()
+    model.add_module("first", First())
+    model.add_module("second", Second())
+    x = torch.randn(3, 4, requires_grad=True)
+    with OpPeakRecorder(_ALLOC) as rec:
+        model(x).sum().backward()
+    r = rec.report()
+    assert r["peak"]["op"] == "s4v_test.workspace.default"
+    assert (r["peak"]["phase"], r["peak"]["module"], r["peak"]["high"], r["peak"]["transient"]) == \
+        ("backward", "second", 400, 300)
+    assert r["peak"]["args"] == "[3, 4] float32"
+    got = [(t["transient"], t["phase"], t["module"]) for t in r["largest_transients"]]
+    assert got == [(300, "backward", "second"), (50, "forward", "second"), (10, "forward", "first")]
+    text = format_report(r)
+    assert text.startswith("step peak 400 B, reached in s4v_test.workspace.default (backward in second) [3, 4] "
+                           "float32: 100 B allocated before the call, 300 B transient"), text

@@ -177,6 +177,7 @@ class Row:
     cuda_peak: Optional[int] = None
     peak_sites: Optional[dict] = None  # CUDA: what is live at the step's peak (s4v.bench.cuda_peak)
     peak_base: int = 0  # CUDA: bytes allocated when the timed step began
+    peak_op: Optional[dict] = None  # the operator call where the step peaks (s4v.bench.op_peak)
     note: str = ""
 
     @property
@@ -198,8 +199,9 @@ def measure(model: nn.Module, video: torch.Tensor, precision: str = "fp32", name
             model_name: str = "", step: bool = False, label: Optional[torch.Tensor] = None,
             categorize_fn=categorize, trace_peak: bool = False) -> Row:
     """Saved-for-backward bytes of one training forward of `model` on `video` (and, with `step`, the time
-    and, on CUDA, the peak memory of forward + backward + AdamW step; with `trace_peak` also what is
-    live at that peak, from the allocator's trace of the timed step)."""
+    and, on CUDA, the peak memory of forward + backward + AdamW step; with `trace_peak`, one more step
+    says in which operator call the step peaks and which calls need the most transient memory, and on
+    CUDA also what is live at that peak, from the allocator's trace)."""
     device = video.device.type
     model.train()
     params = list(model.parameters())
@@ -220,28 +222,38 @@ def measure(model: nn.Module, video: torch.Tensor, precision: str = "fp32", name
     gc.collect()
     if step:
         opt = torch.optim.AdamW(trainable, lr=1e-4, foreach=False)
-        tracing_step = 2 if (trace_peak and device == "cuda") else -1
+        tracing_step = 2 if trace_peak else -1
         for i in range(3 if tracing_step > 0 else 2):  # warm-up step, the timed one, [a traced one]
             tracing = i == tracing_step
             if device == "cuda":
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
+            recorder = contextlib.nullcontext()
             if tracing:
-                from s4v.bench.cuda_peak import start_recording
+                from s4v.bench.op_peak import LiveTensorCounters, OpPeakRecorder
 
-                row.peak_base = start_recording()
+                before_step = params + list(model.buffers()) + [video, label] + [
+                    t for state in opt.state.values() for t in state.values() if isinstance(t, torch.Tensor)]
+                recorder = OpPeakRecorder(None if device == "cuda" else LiveTensorCounters(before_step))
+                if device == "cuda":
+                    from s4v.bench.cuda_peak import start_recording
+
+                    row.peak_base = start_recording()
             t0 = time.perf_counter()
-            with _autocast(device, precision):
-                loss = nn.functional.cross_entropy(model(video).float(), label)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            with recorder:
+                with _autocast(device, precision):
+                    loss = nn.functional.cross_entropy(model(video).float(), label)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
             if device == "cuda":
                 torch.cuda.synchronize()
             if tracing:  # a step of its own: recording slows it, so it is not the timed one
-                from s4v.bench.cuda_peak import stop_recording
+                row.peak_op = recorder.report()
+                if device == "cuda":
+                    from s4v.bench.cuda_peak import stop_recording
 
-                row.peak_sites = stop_recording()
+                    row.peak_sites = stop_recording()
                 continue
             row.step_s = time.perf_counter() - t0
             if device == "cuda":
