@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# The GPU checks of one lent H100/H200 session, in two parts (see docs/performance.md):
-#   part1: GPU unit tests, the memory/speed table (bench/gpu.sh), a 1-GPU DeepSpeed bf16 training run
-#          (PyAV loader over H.264 shards).
-#   part2: after DALI is unpacked into $S4V_SITE: the DALI `mixed` (NVDEC) tests, a 1-GPU training run
-#          on DALI-decoded H.264 shards, and the loader table (PyAV vs DALI GPU).
+# The GPU checks of one lent H100/H200 session (see docs/performance.md), in stages that each fit one
+# device call (at most 600 s) and can run in any order:
+#   bench:  the memory/speed table with --trace-peak (bench/gpu.sh; rows in priority order, B/16's
+#           memory-saving mode first, then L/14 and E/14, then the comparisons).
+#   tests:  the GPU unit tests and a 1-GPU DeepSpeed bf16 training run (PyAV loader over H.264 shards).
+#   dali:   after DALI is unpacked into $S4V_SITE: the DALI `mixed` (NVDEC) tests, a 1-GPU training run
+#           on DALI-decoded H.264 shards, and the loader table (PyAV vs DALI GPU).
+# (part1 = tests + bench, part2 = dali, for older notes.)
 # Python packages come from $S4V_SITE (wheels carried to the machine; see the device notes). DALI needs,
 # besides nvidia/dali, nvimgcodec and libnvcomp: optree, astunparse, gast, libcst, makefun, nvtx and the
 # top-level `wds2idx` module (the loader tests index their shards with `python -m wds2idx`).
@@ -28,22 +31,34 @@ train_smoke() {  # $1 run name, $2 loader, $3 shards
   grep -h '"perf/clips_per_s"' "/tmp/s4v_runs/$1/metrics.jsonl" | tail -n 2
 }
 
-case "${1:-part1}" in
-part1)
+stage_bench() {
+  step "memory / speed table"; OUT="$OUT" bash bench/gpu.sh --budget-s "${BENCH_BUDGET_S:-200}" --trace-peak
+}
+
+stage_tests() {
   step "GPU"; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   $PY -c "import torch, open_clip, timm, deepspeed; print(torch.__version__, open_clip.__version__, timm.__version__, deepspeed.__version__)"
   step "GPU unit tests"; timeout 240 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -n 15
-  step "memory / speed table"; OUT="$OUT" bash bench/gpu.sh --budget-s "${BENCH_BUDGET_S:-110}" --trace-peak
   step "synthetic H.264 shards (64 px: NVDEC decodes H.264 from 48 px wide)"; synthetic /tmp/synth_h264 --codec h264 --size 64
   step "1-GPU DeepSpeed bf16 training, PyAV loader"; train_smoke gpu_pyav pyav /tmp/synth_h264
-  ;;
-part2)
-  $PY -c "import nvidia.dali as d; print('DALI', d.__version__)" || exit 1
+}
+
+stage_dali() {
+  $PY -c "import nvidia.dali as d; print('DALI', d.__version__)" || return 1
   step "DALI mixed (NVDEC) tests"; timeout 200 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_loader.py 2>&1 | tail -n 15
   step "synthetic H.264 shards (64 px)"; synthetic /tmp/synth_h264 --codec h264 --size 64
   step "1-GPU DeepSpeed bf16 training, DALI GPU decoding"; train_smoke gpu_dali dali /tmp/synth_h264
   step "loader table: 320px clips of 64 frames"; synthetic /tmp/synth_320 --codec h264 --size 320 --frames 64 --train 256 --val 16
   timeout 200 $PY -m s4v.cli.main bench loader --shards /tmp/synth_320 --split train --batches 12 \
     --batch-size 16 --num-frames 8 --workers 8 --engines pyav,dali-gpu 2>&1 | tail -n 12 | tee "$OUT/loader_bench.txt"
-  ;;
-esac
+}
+
+for stage in "${@:-tests}"; do
+  case "$stage" in
+  bench) stage_bench ;;
+  tests) stage_tests ;;
+  dali | part2) stage_dali ;;
+  part1) stage_tests; stage_bench ;;
+  *) echo "unknown stage $stage (bench, tests, dali)" >&2; exit 2 ;;
+  esac
+done
