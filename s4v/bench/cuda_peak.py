@@ -58,7 +58,9 @@ def start_recording(max_entries: int = 500_000) -> int:
     """Record the allocator's history from now on; returns the bytes allocated at this point."""
     import torch
 
-    torch.cuda.memory._record_memory_history(max_entries=max_entries)
+    # Python frames only: they are all `where` reads, and symbolising C++ frames can make the snapshot
+    # take minutes (backward's kernels are attributed by s4v.bench.op_peak instead).
+    torch.cuda.memory._record_memory_history(stacks="python", max_entries=max_entries)
     return torch.cuda.memory_allocated()
 
 
