@@ -198,3 +198,17 @@ def test_op_peak_recorder_names_the_call_and_module_where_a_step_peaks():
     text = format_report(r)
     assert text.startswith("step peak 400 B, reached in s4v_test.workspace.default (backward in second) [3, 4] "
                            "float32: 100 B allocated before the call, 300 B transient"), text
+
+
+def test_memory_bench_trace_peak_agrees_with_the_saved_tensor_count(capsys, tmp_path):
+    """`--trace-peak` on the CPU: the step peaks in backward, and at that point at least everything saved
+    for backward (less the input video, which existed before the step) is live, two independent counts."""
+    out = tmp_path / "rows.json"
+    assert memory_main(["--models", "s4v_tiny", "--frames", "4", "--batch", "2", "--precision", "fp32",
+                        "--variants", "default", "--no-baselines", "--trace-peak", "--json", str(out)]) == 0
+    assert "step peak " in capsys.readouterr().out
+    (row,) = json.loads(out.read_text())
+    peak = row["peak_op"]["peak"]
+    video_bytes = 2 * 4 * 3 * 32 * 32 * 4
+    assert peak["phase"] == "backward" and peak["module"].startswith("side."), peak
+    assert peak["high"] >= row["saved"] - video_bytes, (peak["high"], row["saved"])

@@ -298,7 +298,8 @@ def build(model_name: str, frames: int, precision: str, device: str, overrides: 
 
 
 def run_rows(models: list[str], frames: int, batch: int, precisions: list[str], device: str,
-             baselines: bool, step: bool, variants: Optional[list[str]] = None, log=print) -> list[Row]:
+             baselines: bool, step: bool, variants: Optional[list[str]] = None, log=print,
+             trace_peak: bool = False) -> list[Row]:
     from s4v.model.specs import get_spec
 
     rows: list[Row] = []
@@ -320,13 +321,18 @@ def run_rows(models: list[str], frames: int, batch: int, precisions: list[str], 
                     cat = categorize
                     if name.startswith("baseline:"):
                         from s4v.bench.baselines import categorize as cat
-                    row = measure(model, video, precision, label, name, step=step, categorize_fn=cat)
+                    row = measure(model, video, precision, label, name, step=step or trace_peak, categorize_fn=cat,
+                                  trace_peak=trace_peak)
                 except torch.OutOfMemoryError:
                     row = Row(label, name, batch, frames, precision, note="OOM")
                 except Exception as err:  # one failing row must not kill the others
                     row = Row(label, name, batch, frames, precision, note=f"error: {type(err).__name__}: {err}")
                 rows.append(row)
                 log(format_row(row, rows))
+                if row.peak_op is not None:
+                    from s4v.bench.op_peak import format_report
+
+                    log("    " + format_report(row.peak_op).replace("\n", "\n    "))
                 model = None
                 gc.collect()
                 if device == "cuda":
@@ -387,6 +393,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--no-baselines", action="store_true")
     p.add_argument("--variants", default=None, help="comma list of s4v row variants (default: all)")
     p.add_argument("--step", action="store_true", help="also time a full step (and the CUDA peak on a GPU)")
+    p.add_argument("--trace-peak", action="store_true",
+                   help="one more step per row: the operator call where it peaks and the calls with the largest "
+                        "transient memory (on the CPU, from the live outputs of each call)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default=None, help="write the rows here")
     a = p.parse_args(argv)
@@ -396,7 +405,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(HEADER)
     rows = run_rows(a.models.split(","), a.frames, a.batch, a.precision.split(","), a.device,
                     not a.no_baselines, a.step or a.device == "cuda",
-                    a.variants.split(",") if a.variants else None)
+                    a.variants.split(",") if a.variants else None, trace_peak=a.trace_peak)
     print()
     print(format_categories(rows))
     if a.json:
