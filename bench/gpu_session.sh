@@ -45,6 +45,9 @@ stage_tests() {
 
 stage_dali() {
   $PY -c "import nvidia.dali as d; print('DALI', d.__version__)" || return 1
+  step "NVDEC"; echo "NVIDIA_DRIVER_CAPABILITIES=${NVIDIA_DRIVER_CAPABILITIES:-unset}"
+  ls -l /usr/lib/x86_64-linux-gnu/libnvcuvid* /usr/lib64/libnvcuvid* 2>&1 | head -n 4
+  $PY -c "from s4v.data.dali_pipeline import nvdec_problem as p; print(p() or 'libnvcuvid loads')"
   step "DALI mixed (NVDEC) tests"; timeout 200 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_loader.py 2>&1 | tail -n 15
   step "synthetic H.264 shards (64 px)"; synthetic /tmp/synth_h264 --codec h264 --size 64
   step "1-GPU DeepSpeed bf16 training, DALI GPU decoding"; train_smoke gpu_dali dali /tmp/synth_h264

@@ -257,3 +257,17 @@ def test_bench_loader_table(shards, capsys):
     out = capsys.readouterr().out
     rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith(("pyav", "dali"))}
     assert float(rows["pyav"][2]) == 1.0 and float(rows["dali-cpu"][1]) > 0
+
+
+def test_nvdec_preflight_says_why_gpu_decoding_cannot_work():
+    """Without the driver's NVDEC library (a container started without the `video` capability) the DALI
+    GPU engine refuses with the reason and the fix, instead of skipping every clip as undecodable."""
+    from s4v.data.dali_pipeline import NVDEC_LIBRARY, nvdec_problem
+
+    def missing(name):
+        raise OSError(f"{name}: cannot open shared object file: No such file or directory")
+
+    loaded = []
+    assert nvdec_problem(loaded.append) is None and loaded == [NVDEC_LIBRARY]
+    msg = nvdec_problem(missing)
+    assert NVDEC_LIBRARY in msg and "NVIDIA_DRIVER_CAPABILITIES" in msg and "data.loader=pyav" in msg

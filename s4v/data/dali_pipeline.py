@@ -16,10 +16,11 @@ a dead pipeline, so nothing hangs. A background thread runs read + decode `prefe
 """
 from __future__ import annotations
 
+import ctypes
 import queue
 import threading
 import warnings
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -121,6 +122,22 @@ def _inputs(slots) -> dict[str, list[np.ndarray]]:
     return feed
 
 
+NVDEC_LIBRARY = "libnvcuvid.so.1"
+
+
+def nvdec_problem(load: Callable[[str], object] = ctypes.CDLL) -> Optional[str]:
+    """Why DALI's `mixed` video decoder cannot work here, or None. NVDEC is reached through the driver's
+    libnvcuvid, which container runtimes mount only when asked to; without it every clip fails to
+    decode, so the engine says so once instead of skipping every sample."""
+    try:
+        load(NVDEC_LIBRARY)
+    except OSError as e:
+        return (f"NVDEC is not available to this process ({NVDEC_LIBRARY} cannot be loaded: {e}). In a "
+                "container the NVIDIA runtime mounts it only when NVIDIA_DRIVER_CAPABILITIES includes 'video' "
+                "(e.g. compute,utility,video or all). Or decode on the CPU with data.loader=pyav.")
+    return None
+
+
 class _DecodeFailure(Exception):
     """DALI failed while running a batch (bad data); the pipeline object is unusable now."""
 
@@ -144,6 +161,9 @@ class DaliEngine:
         if self.decode_device == "mixed":
             if not torch.cuda.is_available():
                 raise RuntimeError("data.device=gpu needs CUDA; use data.device=cpu (VP9 shards) or data.loader=pyav")
+            problem = nvdec_problem()
+            if problem:
+                raise RuntimeError(f"data.device=gpu: {problem}")
             dev = torch.device(device if str(device).startswith("cuda") else "cuda")
             self.device_id = dev.index if dev.index is not None else torch.cuda.current_device()
         else:
