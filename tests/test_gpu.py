@@ -53,7 +53,8 @@ def test_cuda_grad_checkpointing_same_grads():
 
 def test_cuda_peak_trace_accounts_for_the_peak():
     """The allocator trace of a step explains its peak: what was allocated before the step plus the
-    trace's peak growth is the step's max_memory_allocated (to the allocator's rounding)."""
+    trace's peak growth is the step's max_memory_allocated (to the allocator's rounding); and the
+    operator recorder finds the call where the step reaches that peak."""
     from s4v.bench.memory import build, measure
 
     model = build("s4v_tiny", 4, "bf16", "cuda", {})
@@ -62,3 +63,6 @@ def test_cuda_peak_trace_accounts_for_the_peak():
     assert row.peak_sites is not None and row.peak_sites["groups"]
     total = row.peak_base + row.peak_sites["peak_growth"]
     assert abs(total - row.cuda_peak) <= 0.05 * row.cuda_peak, (total, row.cuda_peak)
+    # the operator recorder, read from the same step, names a call whose high is that peak
+    high = row.peak_op["peak"]["high"]
+    assert abs(high - row.cuda_peak) <= 0.05 * row.cuda_peak, (row.peak_op["peak"], row.cuda_peak)
