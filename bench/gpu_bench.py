@@ -55,7 +55,7 @@ def run_row(label, name, overrides, ckpt, batch, frames, device, size, flops, pe
             out = dict(row=label, model=name, batch=batch, status="ok", trainable_M=r.trainable / 1e6,
                        saved_per_clip_MiB=r.saved / batch / MiB, step_s=r.step_s, clips_s=batch / r.step_s,
                        cuda_peak_GB=(r.cuda_peak or 0) / 1e9,
-                       cuda_reserved_GB=(torch.cuda.max_memory_reserved() / 1e9 if device == "cuda" else 0.0),
+                       cuda_reserved_GB=(r.cuda_reserved or 0) / 1e9,
                        weights_GB=r.weights / 1e9, grads_GB=r.grads / 1e9, optim_GB=r.optim / 1e9)
             if flops and device == "cuda":
                 out["mfu"] = flops * batch / r.step_s / (peak_tflops * 1e12)

@@ -175,6 +175,7 @@ class Row:
     categories: dict = dataclasses.field(default_factory=dict)
     step_s: float = float("nan")
     cuda_peak: Optional[int] = None
+    cuda_reserved: Optional[int] = None  # the allocator's reserved peak in the timed step
     peak_sites: Optional[dict] = None  # CUDA: what is live at the step's peak (s4v.bench.cuda_peak)
     peak_base: int = 0  # CUDA: bytes allocated when the timed step began
     peak_op: Optional[dict] = None  # the operator call where the step peaks (s4v.bench.op_peak)
@@ -258,6 +259,7 @@ def measure(model: nn.Module, video: torch.Tensor, precision: str = "fp32", name
             row.step_s = time.perf_counter() - t0
             if device == "cuda":
                 row.cuda_peak = torch.cuda.max_memory_allocated()
+                row.cuda_reserved = torch.cuda.max_memory_reserved()
         del opt, loss
     return row
 
