@@ -169,7 +169,7 @@ class OpPeakRecorder(TorchDispatchMode):
         is_peak = self.peak_call is None or high > self.peak_call.high
         if is_peak or transient > 0:
             phase = "backward" if torch._C._current_graph_task_id() != -1 else "forward"
-            module = _innermost(self._modules.parents) if self._modules is not None else ""
+            module = _innermost(getattr(self._modules, "parents", set()))
             call = OpCall(str(func), phase, module, _tensor_args(args, kwargs), before, high, transient)
             if is_peak:
                 self.peak_call = call
