@@ -8,7 +8,7 @@
 #           on DALI-decoded H.264 shards, and the loader table (PyAV vs DALI GPU).
 # (part1 = tests + bench, part2 = dali, for older notes.)
 # Python packages come from $S4V_SITE (wheels carried to the machine; see the device notes). DALI needs,
-# besides nvidia/dali, nvimgcodec and libnvcomp: optree, astunparse, gast, libcst, makefun, nvtx and the
+# besides nvidia/dali, nvimgcodec and libnvcomp: optree, astunparse, six, packaging, gast, libcst, makefun, nvtx and the
 # top-level `wds2idx` module (the loader tests index their shards with `python -m wds2idx`).
 set -u
 cd "$(dirname "$0")/.."
