@@ -8,6 +8,10 @@
 #                   `wds2idx` indexer), as one xz tar split into parts under the carry limit; carry one
 #                   part per call, copy it out of the tree (`cp .gpu/pK/* /tmp/parts/`), and on the last
 #                   call `cat /tmp/parts/dali.part.* | xz -d | tar -x -C /tmp/site` (dali.sha256 checks it).
+# A call carries at most 64 MiB in all, so: call 1 carries .whl, installs it into /tmp/site and runs
+# `S4V_SITE=/tmp/site bash bench/gpu_session.sh bench`; calls 2..N+1 carry one DALI part each (call 2
+# also runs the `tests` stage); the last joins the parts and runs the `dali` stage. Calls must follow
+# each other while the machine is warm: what is outside the tree is lost when it is given back.
 # Checked: the parts join (sha256), and with the wheels DALI imports and decodes on CPython 3.12 (a
 # VP9 clip, CPU backend). Both folders are git-ignored (.git/info/exclude). Usage: bash bench/pack_for_device.sh [wheels|dali|all]
 set -euo pipefail
