@@ -212,3 +212,29 @@ def test_memory_bench_trace_peak_agrees_with_the_saved_tensor_count(capsys, tmp_
     video_bytes = 2 * 4 * 3 * 32 * 32 * 4
     assert peak["phase"] == "backward" and peak["module"].startswith("side."), peak
     assert peak["high"] >= row["saved"] - video_bytes, (peak["high"], row["saved"])
+
+
+def test_op_peak_recorder_lists_an_op_of_repeated_blocks_once():
+    """The same call in blocks.0 and blocks.1 is one entry of the transient list, the larger one."""
+    from s4v.bench.op_peak import OpPeakRecorder
+
+    class Block(nn.Module):
+        def __init__(self, nbytes):
+            super().__init__()
+            self.nbytes = nbytes
+
+        def forward(self, x):
+            return torch.ops.s4v_test.workspace(x, self.nbytes, 0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.Sequential(Block(20), Block(70))
+
+        def forward(self, x):
+            return self.blocks(x)
+
+    with OpPeakRecorder(_ALLOC) as rec:
+        Net()(torch.randn(2, 2))
+    (entry,) = rec.report()["largest_transients"]
+    assert (entry["transient"], entry["module"]) == (70, "blocks.1")

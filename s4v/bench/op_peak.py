@@ -22,8 +22,9 @@ where the step peaks but cannot see inside a call (every transient is 0).
 from __future__ import annotations
 
 import dataclasses
+import re
 import weakref
-from typing import Any, Callable, Iterable, Optional, Protocol
+from typing import Any, Iterable, Optional, Protocol
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -132,7 +133,7 @@ class OpPeakRecorder(TorchDispatchMode):
         self.counters = counters if counters is not None else CudaCounters()
         self.top = top
         self.peak_call: Optional[OpCall] = None
-        self.largest: dict[tuple[str, str, str], OpCall] = {}  # (op, phase, module) -> largest transient
+        self.largest: dict[tuple[str, str, str], OpCall] = {}  # (op, phase, module pattern) -> largest
         self.calls = 0
         self._modules = self._mod_tracker()
 
@@ -173,7 +174,8 @@ class OpPeakRecorder(TorchDispatchMode):
             call = OpCall(str(func), phase, module, _tensor_args(args, kwargs), before, high, transient)
             if is_peak:
                 self.peak_call = call
-            key = (call.op, phase, module)
+            # one entry per op and module pattern: blocks.3.mlp and blocks.7.mlp are blocks.*.mlp
+            key = (call.op, phase, re.sub(r"(^|\.)\d+(?=\.|$)", r"\1*", module))
             if transient > 0 and (key not in self.largest or transient > self.largest[key].transient):
                 self.largest[key] = call
         return out
@@ -207,9 +209,3 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"  {_size(r.transient):>10} on top of {_size(r.before):>10}  {r.describe()}")
     return "\n".join(lines)
 
-
-def record_step(step: Callable[[], Any], counters: Optional[AllocatorCounters] = None, top: int = 8) -> dict:
-    """Runs `step()` under an `OpPeakRecorder` and returns its report."""
-    with OpPeakRecorder(counters, top) as rec:
-        step()
-    return rec.report()
