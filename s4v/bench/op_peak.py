@@ -203,7 +203,8 @@ def format_report(report: dict[str, Any]) -> str:
              f"{_size(call.before)} allocated before the call, {_size(call.transient)} transient",
              f"largest transients among {report['calls']} calls (memory a call needs only while it runs):"]
     if not report["largest_transients"]:
-        lines[-1] = f"no transients among {report['calls']} calls (counters that see only outputs, such as the CPU's, show none)"
+        lines[-1] = (f"no transients among {report['calls']} calls "
+                     "(counters that see only outputs, such as the CPU's, show none)")
     for r in report["largest_transients"]:
         r = OpCall(**r)
         lines.append(f"  {_size(r.transient):>10} on top of {_size(r.before):>10}  {r.describe()}")
