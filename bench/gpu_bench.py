@@ -21,11 +21,9 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from s4v.bench.memory import MiB, OFFICIAL_LIKE, PAPER_GB, build, measure  # noqa: E402
-from s4v.bench.throughput import train_flops_per_clip  # noqa: E402
+from s4v.bench.memory import MiB, PAPER_GB, build, measure  # noqa: E402
+from s4v.bench.throughput import VARIANTS, train_flops_per_clip  # noqa: E402
 
-VARIANTS = {"default": ({}, False), "default+ckpt": ({}, True), "official-like": (OFFICIAL_LIKE, False),
-            "mlp_recompute=fc1": ({"side.mlp_recompute": "fc1"}, False)}
 # Rows in order of priority: a run cut short by its time budget still has the figures that matter most
 # (the memory-saving mode against the paper's B/16 figure, then every model's s4v rows, then the
 # comparisons). (model, variant) or (model, "baseline:<kind>").
@@ -44,9 +42,7 @@ PAPER_KEY = {"s4v_b16": "B/16", "s4v_l14": "L/14"}
 
 def run_row(label, name, overrides, ckpt, batch, frames, device, size, flops, peak_tflops, trace_peak=False):
     while batch >= 1:
-        model = video = None
         try:
-            torch.cuda.empty_cache() if device == "cuda" else None
             model = build(name, frames, "bf16", device, overrides)
             if ckpt:
                 model.set_grad_checkpointing(True)
@@ -157,12 +153,9 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
     t_start = time.time()
-    if a.device == "cuda":
-        if not torch.cuda.is_available():
-            print("no CUDA device", file=sys.stderr)
-            return 1
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    if a.device == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device", file=sys.stderr)
+        return 1
     info = dict(gpu=torch.cuda.get_device_name() if a.device == "cuda" else platform.processor() or "cpu",
                 torch=torch.__version__, frames=a.frames, python=platform.python_version())
     from s4v.model.specs import get_spec
@@ -174,15 +167,9 @@ def main(argv=None) -> int:
         plan.sort(key=lambda mr: PLAN.index(mr) if mr in PLAN else len(PLAN) + chosen.index(mr[0]))
     if a.no_baselines:
         plan = [(m, r) for m, r in plan if not r.startswith("baseline:")]
-    flops = {}
     rows = []
     for model_name, kind in plan:
         size = get_spec(model_name).backbone.image_size
-        if model_name not in flops:
-            try:
-                flops[model_name] = train_flops_per_clip(model_name, a.frames)
-            except Exception:  # noqa: BLE001
-                flops[model_name] = None
         if kind.startswith("baseline:"):
             base = kind.split(":", 1)[1]
             label, name, overrides, ckpt = f"{base} ({model_name})", f"baseline:{base}:{model_name}", {}, False
@@ -192,7 +179,11 @@ def main(argv=None) -> int:
             rows.append(dict(row=label, model=name, status="skipped: time budget"))
             continue
         t0 = time.time()
-        r = run_row_in_subprocess(a, label, name, overrides, ckpt, size, flops[model_name])
+        try:
+            flops = train_flops_per_clip(name, a.frames)  # None for the baselines
+        except Exception:  # noqa: BLE001
+            flops = None
+        r = run_row_in_subprocess(a, label, name, overrides, ckpt, size, flops)
         r["row_s"] = time.time() - t0
         rows.append(r)
         print(json.dumps(r), flush=True)

@@ -7,12 +7,11 @@ import torch
 from torch import nn
 
 import s4v
-from s4v.bench.memory import OFFICIAL_B16_MIB, OFFICIAL_LIKE, SavedTensorTracker
+from s4v.bench.memory import OFFICIAL_B16_MIB, OFFICIAL_LIKE, MiB, SavedTensorTracker
 from s4v.model.side_net import RecognitionHead, SideNetwork
 from s4v.model.specs import apply_overrides, get_spec
 
 TINY = ["s4v_tiny", "s4v_tiny_eva"]
-MiB = 1024 ** 2
 
 
 def _step(name, overrides, dtype=torch.float32, autocast=False, ckpt=False):

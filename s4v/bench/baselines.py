@@ -97,9 +97,6 @@ class FrameMeanClassifier(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.tower.set_grad_checkpointing(enable)
 
-    def trainable_parameters(self):
-        return (p for p in self.parameters() if p.requires_grad)
-
 
 def create_baseline(kind: str, model: str, num_classes: int, num_frames: int = 8, device=None,
                     backbone_dtype: Optional[str | torch.dtype] = None) -> FrameMeanClassifier:

@@ -29,8 +29,6 @@ MiB = 1024 ** 2
 # The official Side4Video model (s4v_b16, 8 frames) measured the same way: bytes saved for backward per
 # clip (given in the issue; the official code cannot run here).
 OFFICIAL_B16_MIB = {"fp32": 580.0, "bf16": 370.0}
-OFFICIAL_B16_SHARES = {"mlp": 0.36, "attention": 0.21, "tap_norm": 0.14, "conv": 0.13, "tap_proj": 0.10,
-                       "bn": 0.09}
 # Paper Table 2 (SSv2, 8 frames; batch 32 for B/16, 16 for L/14), training memory in GB.
 PAPER_GB = {("B/16", "Side4Video"): 18.8, ("B/16", "ST-Adapter"): 28.8, ("B/16", "AIM"): 35.2,
             ("B/16", "Side4Video light"): 8.9, ("L/14", "Side4Video"): 37.0, ("L/14", "ST-Adapter"): 51.4,
@@ -198,7 +196,8 @@ def _autocast(device: str, precision: str):
 
 def measure(model: nn.Module, video: torch.Tensor, precision: str = "fp32", name: str = "",
             model_name: str = "", step: bool = False, label: Optional[torch.Tensor] = None,
-            categorize_fn=categorize, trace_peak: bool = False) -> Row:
+            categorize_fn: Optional[Callable[[str, nn.Module], Optional[str]]] = None,
+            trace_peak: bool = False) -> Row:
     """Saved-for-backward bytes of one training forward of `model` on `video` (and, with `step`, the time
     and, on CUDA, the peak memory of forward + backward + AdamW step; with `trace_peak`, one more step
     says in which operator call the step peaks and which calls need the most transient memory, and on
@@ -214,6 +213,10 @@ def measure(model: nn.Module, video: torch.Tensor, precision: str = "fp32", name
               optim=sum(2 * p.numel() * 4 for p in trainable))
     if label is None:
         label = torch.zeros(video.shape[0], dtype=torch.long, device=video.device)
+    if categorize_fn is None:  # the categories of the model's own family
+        from s4v.bench import baselines
+
+        categorize_fn = baselines.categorize if isinstance(model, baselines.FrameMeanClassifier) else categorize
     tracker = SavedTensorTracker(model, categorize_fn)
     with tracker, _autocast(device, precision):
         out = model(video)
@@ -223,9 +226,8 @@ def measure(model: nn.Module, video: torch.Tensor, precision: str = "fp32", name
     gc.collect()
     if step:
         opt = torch.optim.AdamW(trainable, lr=1e-4, foreach=False)
-        tracing_step = 2 if trace_peak else -1
-        for i in range(3 if tracing_step > 0 else 2):  # warm-up step, the timed one, [a traced one]
-            tracing = i == tracing_step
+        for i in range(3 if trace_peak else 2):  # warm-up step, the timed one, [a traced one]
+            tracing = i == 2
             if device == "cuda":
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
@@ -313,17 +315,15 @@ def run_rows(models: list[str], frames: int, batch: int, precisions: list[str], 
             todo = [(f"{model_name} {lab}", model_name, ov, ck) for lab, ov, ck in s4v_variants()
                     if variants is None or lab in variants]
             if baselines:
-                todo += [(f"{kind} ({model_name})", f"baseline:{kind}:{model_name}", {}, False)
-                         for kind in ("full-finetune", "st-adapter", "linear-probe")]
+                from s4v.bench.baselines import KINDS
+
+                todo += [(f"{kind} ({model_name})", f"baseline:{kind}:{model_name}", {}, False) for kind in KINDS]
             for label, name, overrides, ckpt in todo:
                 try:
                     model = build(name, frames, precision, device, overrides)
                     if ckpt:
                         model.set_grad_checkpointing(True)
-                    cat = categorize
-                    if name.startswith("baseline:"):
-                        from s4v.bench.baselines import categorize as cat
-                    row = measure(model, video, precision, label, name, step=step or trace_peak, categorize_fn=cat,
+                    row = measure(model, video, precision, label, name, step=step or trace_peak,
                                   trace_peak=trace_peak)
                 except torch.OutOfMemoryError:
                     row = Row(label, name, batch, frames, precision, note="OOM")
@@ -377,12 +377,6 @@ def format_categories(rows: list[Row]) -> str:
         lines.append(f"{r.name:<34} {r.precision:>4} " + " ".join(
             f"{r.categories.get(c, 0) / r.batch / MiB:9.1f}" for c in cats))
     return "\n".join(lines)
-
-
-def projected_gb(row: Row, batch: int) -> float:
-    """Weights + gradients + optimizer + saved activations scaled to `batch` clips, in GB (no allocator
-    slack, no transient peak)."""
-    return (row.weights + row.grads + row.optim + row.casts + row.saved / row.batch * batch) / 1e9
 
 
 def main(argv: Optional[list[str]] = None) -> int:

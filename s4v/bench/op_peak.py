@@ -131,6 +131,7 @@ class OpPeakRecorder(TorchDispatchMode):
     def __init__(self, counters: Optional[AllocatorCounters] = None, top: int = 8):
         super().__init__()
         self.counters = counters if counters is not None else CudaCounters()
+        self._observe = getattr(self.counters, "observe", None)  # counters that watch outputs (CPU)
         self.top = top
         self.peak_call: Optional[OpCall] = None
         self.largest: dict[tuple[str, str, str], OpCall] = {}  # (op, phase, module pattern) -> largest
@@ -162,8 +163,8 @@ class OpPeakRecorder(TorchDispatchMode):
         before = c.allocated()
         c.reset_peak()
         out = func(*args, **kwargs)
-        if hasattr(c, "observe"):
-            c.observe(out)
+        if self._observe is not None:
+            self._observe(out)
         high, after = max(c.peak(), before), c.allocated()
         self.calls += 1
         transient = high - max(before, after)

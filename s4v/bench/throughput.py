@@ -10,6 +10,7 @@ measurement runs on the same batch size and frame count.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import time
 from typing import Optional
@@ -20,8 +21,10 @@ from torch import nn
 from s4v.bench.memory import OFFICIAL_LIKE, _autocast, build
 
 
+@functools.lru_cache(maxsize=None)
 def train_flops_per_clip(model_name: str, frames: int) -> Optional[float]:
-    """FLOPs of one training step per clip (multiply-adds x 2): backbone forward + 3 x side forward."""
+    """FLOPs of one training step per clip (multiply-adds x 2): backbone forward + 3 x side forward;
+    None for a baseline (`baseline:...`), which the count does not cover."""
     if model_name.startswith("baseline:"):
         return None
     import s4v
@@ -91,7 +94,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         todo = [(f"{model_name} {v}", model_name, *VARIANTS[v]) for v in a.variants.split(",") if v]
         todo += [(f"{k} ({model_name})", f"baseline:{k}:{model_name}", {}, False)
                  for k in a.baselines.split(",") if k]
-        flops = train_flops_per_clip(model_name, a.frames)
         for label, name, overrides, ckpt in todo:
             try:
                 model = build(name, a.frames, a.precision, a.device, overrides)
@@ -109,9 +111,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                 gc.collect()
             rate = a.batch / dt
             ref = ref or rate
-            tflops = f"{flops * a.batch / dt / 1e12:8.2f}" if flops and not name.startswith("baseline") else f"{'-':>8}"
-            mfu = (f"{flops * a.batch / dt / (a.peak_tflops * 1e12):6.1%}"
-                   if flops and a.device == "cuda" and not name.startswith("baseline") else f"{'-':>6}")
+            flops = train_flops_per_clip(name, a.frames)
+            tflops = f"{flops * a.batch / dt / 1e12:8.2f}" if flops else f"{'-':>8}"
+            mfu = (f"{flops * a.batch / dt / (a.peak_tflops * 1e12):6.1%}" if flops and a.device == "cuda"
+                   else f"{'-':>6}")
             print(f"{label:<40} {dt:8.3f} {rate:8.2f} {rate / ref:6.2f} {tflops} {mfu}")
     if a.shards:
         import dataclasses
