@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from s4v.bench.memory import MiB, PAPER_GB, build, measure  # noqa: E402
+from s4v.bench.memory import MiB, PAPER_GB, baseline_row, build, measure  # noqa: E402
 from s4v.bench.throughput import VARIANTS, train_flops_per_clip  # noqa: E402
 
 # Rows in order of priority: a run cut short by its time budget still has the figures that matter most
@@ -171,8 +171,7 @@ def main(argv=None) -> int:
     for model_name, kind in plan:
         size = get_spec(model_name).backbone.image_size
         if kind.startswith("baseline:"):
-            base = kind.split(":", 1)[1]
-            label, name, overrides, ckpt = f"{base} ({model_name})", f"baseline:{base}:{model_name}", {}, False
+            label, name, overrides, ckpt = baseline_row(kind.split(":", 1)[1], model_name)
         else:
             label, name, (overrides, ckpt) = f"{model_name} {kind}", model_name, VARIANTS[kind]
         if time.time() - t_start > a.budget_s:

@@ -194,6 +194,16 @@ def _autocast(device: str, precision: str):
     return contextlib.nullcontext()
 
 
+def train_step(model: nn.Module, video: torch.Tensor, label: torch.Tensor, opt: torch.optim.Optimizer,
+               precision: str) -> None:
+    """One training step of the benches: forward (under autocast for bf16), cross-entropy, backward, step."""
+    with _autocast(video.device.type, precision):
+        loss = nn.functional.cross_entropy(model(video).float(), label)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
 def measure(model: nn.Module, video: torch.Tensor, precision: str = "fp32", name: str = "",
             model_name: str = "", step: bool = False, label: Optional[torch.Tensor] = None,
             categorize_fn: Optional[Callable[[str, nn.Module], Optional[str]]] = None,
@@ -244,11 +254,7 @@ def measure(model: nn.Module, video: torch.Tensor, precision: str = "fp32", name
                     row.peak_base = start_recording()
             t0 = time.perf_counter()
             with recorder:
-                with _autocast(device, precision):
-                    loss = nn.functional.cross_entropy(model(video).float(), label)
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+                train_step(model, video, label, opt, precision)
             if device == "cuda":
                 torch.cuda.synchronize()
             if tracing:  # a step of its own: recording slows it, so it is not the timed one
@@ -262,7 +268,7 @@ def measure(model: nn.Module, video: torch.Tensor, precision: str = "fp32", name
             if device == "cuda":
                 row.cuda_peak = torch.cuda.max_memory_allocated()
                 row.cuda_reserved = torch.cuda.max_memory_reserved()
-        del opt, loss
+        del opt
     return row
 
 
@@ -286,6 +292,11 @@ def s4v_variants() -> list[tuple[str, dict, bool]]:
              ("mlp_recompute=fc1", {"side.mlp_recompute": "fc1"}, False),
              ("default+ckpt", {}, True)]
     return rows
+
+
+def baseline_row(kind: str, model_name: str) -> tuple[str, str, dict, bool]:
+    """(row label, name for `build`, overrides, checkpointing) of a baseline on `model_name`'s tower."""
+    return f"{kind} ({model_name})", f"baseline:{kind}:{model_name}", {}, False
 
 
 def build(model_name: str, frames: int, precision: str, device: str, overrides: dict, num_classes: int = 174):
@@ -317,7 +328,7 @@ def run_rows(models: list[str], frames: int, batch: int, precisions: list[str], 
             if baselines:
                 from s4v.bench.baselines import KINDS
 
-                todo += [(f"{kind} ({model_name})", f"baseline:{kind}:{model_name}", {}, False) for kind in KINDS]
+                todo += [baseline_row(kind, model_name) for kind in KINDS]
             for label, name, overrides, ckpt in todo:
                 try:
                     model = build(name, frames, precision, device, overrides)

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from s4v.bench.memory import OFFICIAL_LIKE, _autocast, build
+from s4v.bench.memory import OFFICIAL_LIKE, baseline_row, build, train_step
 
 
 @functools.lru_cache(maxsize=None)
@@ -43,20 +43,13 @@ def time_steps(model: nn.Module, video: torch.Tensor, precision: str, steps: int
     opt = torch.optim.AdamW(params, lr=1e-4, foreach=device == "cuda")
     label = torch.zeros(video.shape[0], dtype=torch.long, device=video.device)
 
-    def step():
-        with _autocast(device, precision):
-            loss = nn.functional.cross_entropy(model(video).float(), label)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
     for _ in range(warmup):
-        step()
+        train_step(model, video, label, opt, precision)
     if device == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(steps):
-        step()
+        train_step(model, video, label, opt, precision)
     if device == "cuda":
         torch.cuda.synchronize()
     return (time.perf_counter() - t0) / steps
@@ -92,8 +85,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         size = get_spec(model_name).backbone.image_size
         video = torch.randn(a.batch, a.frames, 3, size, size, device=a.device)
         todo = [(f"{model_name} {v}", model_name, *VARIANTS[v]) for v in a.variants.split(",") if v]
-        todo += [(f"{k} ({model_name})", f"baseline:{k}:{model_name}", {}, False)
-                 for k in a.baselines.split(",") if k]
+        todo += [baseline_row(k, model_name) for k in a.baselines.split(",") if k]
         for label, name, overrides, ckpt in todo:
             try:
                 model = build(name, a.frames, a.precision, a.device, overrides)
