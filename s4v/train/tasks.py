@@ -8,7 +8,7 @@ here unchanged); `retrieval` is the text-video model of spec 5:
   final norm/projection, the WTI heads, the temperature and, unless `retrieval.freeze_text`, the text
   tower. The frozen image tower (and a frozen text tower) run outside it under no_grad.
 - Loss: symmetric InfoNCE over the *global* batch. Every rank gathers all ranks' prepared features
-  with `gather_with_grad` (backward: all-reduce of the gradient, then this rank's slice), so that
+  with `gather_with_grad` (backward: the gradient summed over ranks, this rank's slice), so that
   with DeepSpeed's gradient averaging the update is exactly the gradient of the global loss.
   Samples that failed to decode (`valid` False: copies of other samples) and videos without captions
   are left out of the loss, as queries and as negatives.
@@ -23,6 +23,7 @@ from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
 from torch import nn
 
@@ -146,29 +147,12 @@ def _export(trainer, save: Callable[[Path], None]) -> Path:
 
 
 # ============================================================================================ retrieval
-class _GatherWithGrad(torch.autograd.Function):
-    """all_gather along dim 0 (equal sizes on every rank); backward sums the gradient over ranks
-    (each rank computed the same global loss) and returns this rank's slice. Works on gloo and NCCL."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        world, rank = dist.get_world_size(), dist.get_rank()
-        parts = [torch.empty_like(x) for _ in range(world)]
-        dist.all_gather(parts, x.contiguous())
-        ctx.rank, ctx.n = rank, x.shape[0]
-        return torch.cat(parts, dim=0)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad)
-        return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n]
-
-
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """all_gather along dim 0 (equal sizes on every rank); backward sums the gradient over ranks (each
+    rank computed the same global loss) and returns this rank's slice."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
-    return _GatherWithGrad.apply(x)
+    return torch.cat(dist_fn.all_gather(x), dim=0)
 
 
 def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
