@@ -8,28 +8,15 @@ gloo (CPU) as on NCCL. The fused (memory-saving) norm->linear functions of `s4v.
 """
 from __future__ import annotations
 
-import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 from torch import nn
 
-from s4v.model.layers import TokenBatchNorm, batch_moments, normalize, update_running_stats
+from s4v.model.layers import TokenBatchNorm
 
 
 class SyncTokenBatchNorm(TokenBatchNorm):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        sum_over_ranks = self.cross_rank_sum()
-        if sum_over_ranks is None:
-            return super().forward(x)
-        shape, dtype = x.shape, x.dtype
-        compute = torch.promote_types(dtype, torch.float32)
-        flat = x.reshape(-1, shape[-1]).to(compute)
-        running_mean, running_var, momentum = self._stats_for_forward()
-        mean, var, n = batch_moments(flat, sum_over_ranks)
-        update_running_stats(running_mean, running_var, mean, var, n, momentum)
-        weight = None if self.weight is None else self.weight.to(compute)
-        bias = None if self.bias is None else self.bias.to(compute)
-        return normalize(flat, mean, torch.rsqrt(var + self.eps), weight, bias).to(dtype).view(shape)
+    """Only says how to sum over ranks; TokenBatchNorm (and the fused functions) then use it."""
 
     def cross_rank_sum(self):
         if not self.training or not dist.is_initialized() or dist.get_world_size() == 1:
