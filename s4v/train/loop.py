@@ -190,10 +190,6 @@ class Trainer:
         self.preempt = PreemptionFlag()
 
     # ----------------------------------------------------------------------------------------- steps
-    def forward(self, video: torch.Tensor) -> torch.Tensor:
-        """Recognition logits of `video` (frozen tower outside the engine, then the engine)."""
-        return self.task.forward(self, video)
-
     def check_skipped(self, batch: dict) -> None:
         """Counted skips are fine; a loader that drops a large share of the data is not (a codec the
         decoder cannot read, a broken mount): stop with the reasons instead of training on nothing."""

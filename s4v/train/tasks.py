@@ -43,7 +43,6 @@ def single_view(data_cfg):
 
 # =========================================================================================== recognition
 class RecognitionTask:
-    name = "recognition"
     metric = "top1"  # what `best_top1` tracks
 
     def __init__(self, cfg: ExperimentConfig):
@@ -82,9 +81,6 @@ class RecognitionTask:
         losses = F.cross_entropy(logits.float(), labels, label_smoothing=self.cfg.optim.label_smoothing,
                                  reduction="none")
         return (losses * valid).sum() / valid.sum().clamp_min(1)
-
-    def after_step(self, trainer) -> None:
-        pass
 
     def evaluate(self, trainer, full_views: bool) -> dict:
         from s4v.data.loader import build_loader
@@ -253,7 +249,6 @@ def retrieval_param_groups(model, lr: float, clip_lr: float, weight_decay: float
 
 
 class RetrievalTask:
-    name = "retrieval"
     metric = "t2v_r1"
 
     def __init__(self, cfg: ExperimentConfig):
@@ -306,9 +301,6 @@ class RetrievalTask:
         ids = self.tokenize(texts, device)
         taps = trainer.model.backbone(video.flatten(0, 1))  # no_grad, frozen tower dtype
         return trainer.engine("loss", video, taps, ids, valid.to(device))
-
-    def after_step(self, trainer) -> None:
-        pass  # the temperature cap is applied where the scale is used (Temperature.forward)
 
     def evaluate(self, trainer, full_views: bool) -> dict:
         from s4v.data.loader import build_loader
