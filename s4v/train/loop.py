@@ -194,7 +194,8 @@ class Trainer:
         """Counted skips are fine; a loader that drops a large share of the data is not (a codec the
         decoder cannot read, a broken mount): stop with the reasons instead of training on nothing."""
         valid = batch.get("valid")
-        self.samples_seen += int(valid.sum()) if valid is not None else len(batch.get("key", ()))
+        views = self.cfg.data.repeated_aug  # a training batch holds each sample's views side by side
+        self.samples_seen += (int(valid.sum()) if valid is not None else len(batch.get("key", ()))) // views
         skipped = self.train_loader.skipped
         limit = self.cfg.train.max_skip_fraction
         if skipped >= 16 and skipped > limit * (self.samples_seen + skipped):

@@ -146,3 +146,29 @@ def test_too_many_skips_stop_training_with_reasons():
     t.train_loader.skipped = 40
     with pytest.raises(DataSkipError, match=r"40 of .* could not be read .*decode failed"):
         t.check_skipped(batch)
+
+
+def test_skip_fraction_counts_samples_not_repeated_views():
+    """With data.repeated_aug=2 a batch of 8 views holds 4 samples: 20 skips in 224 (8.9 %) stop
+    training, where counting views (20 in 428, 4.7 %) would not."""
+    import dataclasses
+
+    import torch
+
+    from s4v.experiment import ExperimentConfig
+    from s4v.train.loop import DataSkipError, Trainer
+
+    class FakeLoader:
+        skipped, skipped_keys = 0, []
+
+    t = Trainer.__new__(Trainer)
+    cfg = ExperimentConfig()
+    t.cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, repeated_aug=2))
+    t.samples_seen, t.train_loader = 0, FakeLoader()
+    batch = {"valid": torch.ones(8, dtype=torch.bool)}
+    for _ in range(50):
+        t.check_skipped(batch)
+    assert t.samples_seen == 200
+    t.train_loader.skipped, t.train_loader.skipped_keys = 20, [("x", "decode failed")] * 20
+    with pytest.raises(DataSkipError, match=r"20 of 224 training samples"):
+        t.check_skipped(batch)
