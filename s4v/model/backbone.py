@@ -83,7 +83,8 @@ def tower_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in sd.items() if "side_" not in k and not k.startswith("fc.")}
 
 
-def load_tower_weights(tower: nn.Module, sd: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+def load_tower_weights(tower: nn.Module, sd: dict[str, torch.Tensor], source: str = "checkpoint",
+                       what: str = "backbone") -> None:
     """Load `sd` into `tower` strictly (shapes and key sets), tolerating only unused head keys.
 
     A tower on the meta device gets the tensors assigned (no second copy in memory)."""
@@ -97,7 +98,7 @@ def load_tower_weights(tower: nn.Module, sd: dict[str, torch.Tensor], source: st
         for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong)):
             if items:
                 parts.append(f"{len(items)} {title} (e.g. {', '.join(items[:4])})")
-        raise ValueError(f"backbone weights in {source} do not match the model's tower: " + "; ".join(parts)
+        raise ValueError(f"{what} weights in {source} do not match the model's tower: " + "; ".join(parts)
                          + ". Is it the right model name / checkpoint?")
     assign_state_dict(tower, {k: sd[k] for k in expected}, source)
 

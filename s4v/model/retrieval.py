@@ -29,6 +29,7 @@ from s4v.fileio import atomic_torch_save
 
 from .backbone import FrozenBackbone, assign_state_dict, read_state_dict, resolve_dtype, tower_state_dict, \
     load_tower_weights
+from .factory import materialize
 from .layers import LayerNormFp32, TokenBatchNorm
 from .retrieval_specs import RetrievalSpec, TextSpec, apply_retrieval_overrides, get_retrieval_spec
 from .side_net import SideNetwork
@@ -296,15 +297,7 @@ def load_clip_weights(model: Side4VideoRetrieval, path: str | os.PathLike) -> No
         raise ValueError(f"{path} has no image-tower head ({', '.join(missing)}); retrieval needs the tower's "
                          "final norm and projection (a full CLIP checkpoint)")
     assign_state_dict(model.visual_proj, {ours: tower[src] for ours, src in keys.items()}, source=str(path))
-    text = text_state_dict(sd)
-    expected = model.text.state_dict()
-    problems = [k for k in expected if k not in text] + [k for k in text if k not in expected]
-    problems += [f"{k} {tuple(text[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-                 if k in text and text[k].shape != v.shape]
-    if problems:
-        raise ValueError(f"text tower weights in {path} do not match {model.name}'s text tower: "
-                         f"{', '.join(problems[:4])}" + (" ..." if len(problems) > 4 else ""))
-    assign_state_dict(model.text, {k: text[k] for k in expected}, source=str(path))
+    load_tower_weights(model.text, text_state_dict(sd), source=str(path), what="text tower")
     if "logit_scale" in sd:
         model.temperature.init_value = float(sd["logit_scale"].float())
     model.set_text_trainable(not model.freeze_text)
@@ -316,12 +309,6 @@ def _real_causal_mask(text: nn.Module) -> None:
     if text.attn_mask is not None and text.attn_mask.is_meta:
         with torch.device("cpu"):
             text.attn_mask = text.build_causal_mask()
-
-
-def _materialize(module: nn.Module, device) -> None:
-    from .factory import materialize
-
-    materialize(module, device)
 
 
 def build_retrieval_model(spec: RetrievalSpec, num_frames: int = 12, name: str = "custom",
@@ -338,7 +325,7 @@ def build_retrieval_model(spec: RetrievalSpec, num_frames: int = 12, name: str =
         load_clip_weights(model, pretrained)
     if build_on.type == "meta" and device.type != "meta":
         for part in (model.side, model.video_head, model.interaction, model.temperature):
-            _materialize(part, device)
+            materialize(part, device)
         model.reset_new_parameters()
         model.backbone.to(device)
         model.visual_proj.to(device)
@@ -410,8 +397,7 @@ def load_retrieval_model(path: str | os.PathLike, pretrained: Optional[str | os.
     model.temperature.max_scale = ckpt["max_temperature"]
     sd = dict(ckpt["state_dict"])
     if not ckpt["includes_backbone"]:
-        tower = tower_state_dict(read_state_dict(pretrained))
-        load_tower_weights(model.backbone.tower, tower, source=str(pretrained))
+        model.backbone.load(pretrained)
         sd.update({k: v for k, v in model.state_dict().items() if k.startswith("backbone.")})
     assign_state_dict(model, sd, source=str(path))
     model.backbone.freeze()

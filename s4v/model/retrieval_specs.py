@@ -72,10 +72,6 @@ def get_retrieval_spec(name: str) -> RetrievalSpec:
     return RETRIEVAL_MODELS[name]
 
 
-def is_retrieval_model(name: str) -> bool:
-    return name in RETRIEVAL_MODELS
-
-
 def apply_retrieval_overrides(spec: RetrievalSpec, overrides: dict) -> RetrievalSpec:
     """`text.<field>` keys change the text tower; everything else is a backbone/side field as in
     `specs.apply_overrides`."""

@@ -35,6 +35,9 @@ class TextEmbedding:
     def __getitem__(self, idx) -> "TextEmbedding":
         return TextEmbedding(self.feats[idx], self.mask[idx], self.weights[idx])
 
+    def to(self, device) -> "TextEmbedding":
+        return TextEmbedding(self.feats.to(device), self.mask.to(device), self.weights.to(device))
+
     def __len__(self) -> int:
         return self.feats.shape[0]
 
@@ -46,6 +49,9 @@ class VideoEmbedding:
 
     def __getitem__(self, idx) -> "VideoEmbedding":
         return VideoEmbedding(self.feats[idx], self.weights[idx])
+
+    def to(self, device) -> "VideoEmbedding":
+        return VideoEmbedding(self.feats.to(device), self.weights.to(device))
 
     def __len__(self) -> int:
         return self.feats.shape[0]
@@ -116,9 +122,8 @@ def score_in_blocks(text: TextEmbedding, video: VideoEmbedding, block_texts: int
     out = torch.empty(len(rows), len(video), dtype=torch.float32)
     for a0 in range(0, len(rows), block_texts):
         idx = torch.tensor(rows[a0:a0 + block_texts], dtype=torch.long)
-        t = TextEmbedding(text.feats[idx].to(device), text.mask[idx].to(device), text.weights[idx].to(device))
+        t = text[idx].to(device)
         for b0 in range(0, len(video), block_videos):
-            v = VideoEmbedding(video.feats[b0:b0 + block_videos].to(device),
-                               video.weights[b0:b0 + block_videos].to(device))
+            v = video[b0:b0 + block_videos].to(device)
             out[a0:a0 + len(idx), b0:b0 + len(v)] = token_wise_score(t, v).float().cpu()
     return out
