@@ -1,7 +1,7 @@
 """The tiny CPU training setting shared by the end-to-end and fault tests: shards and overrides."""
 from __future__ import annotations
 
-import socket
+import json
 from pathlib import Path
 
 from tests._video_fixtures import Spec, write_split
@@ -31,7 +31,7 @@ def tiny_overrides(root, out, run, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in base.items()]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def losses(run_dir) -> dict[int, float]:
+    """step -> training loss, from a run's metrics.jsonl."""
+    rows = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}

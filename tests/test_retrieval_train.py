@@ -57,7 +57,7 @@ def _tiny_args(root, out, run, **extra) -> list[str]:
 def _eval(run_dir: Path, *overrides: str, nproc: int = 1) -> dict:
     cmd = [sys.executable, "-m", "s4v.cli.main", "eval", str(run_dir), *overrides]
     if nproc > 1:
-        from tests._train_fixtures import free_port
+        from s4v.train.dist import free_port
 
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
                "127.0.0.1", "--master_port", str(free_port()), *cmd[1:]]
@@ -98,7 +98,7 @@ def test_two_ranks_zero3_bertadam_retrieval_matches_its_export(captioned_small, 
     """The official optimiser (BertAdam, global-progress cosine) on ZeRO-3 over two gloo ranks: training,
     the evaluation across ranks, the export (gathered from the partitions) and `s4v eval` of it on one and
     two processes all give the same figures, so both ranks hold the same model."""
-    from tests._train_fixtures import free_port
+    from s4v.train.dist import free_port
 
     args = _tiny_args(captioned_small, tmp_path, "z3", **{
         "engine.ds_config": "ds_configs/zero3_fp32.json", "optim.optimizer": "bertadam",

@@ -20,13 +20,13 @@ from pathlib import Path
 
 import pytest
 
-from tests._video_fixtures import Spec, encode_clip, write_split
+from tests._train_fixtures import losses, tiny_overrides, write_tiny_shards
+from tests._video_fixtures import encode_clip
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER_SH = REPO / "tests" / "slurm" / "cluster.sh"
-NUM_CLASSES = 6
 TOTAL_STEPS = 24  # 4 epochs x (24 clips / 2 ranks / batch 2)
 # One task per node on both nodes, one fake GPU each; the rest of the script's #SBATCH lines stay.
 SBATCH_2X1 = ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=1", "--cpus-per-task=1", "--time=20"]
@@ -130,35 +130,19 @@ def _cmdline(proc_dir: Path) -> str:
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("slurm_shards")
-    for split, n_shards, per in (("train", 4, 6), ("val", 2, 4)):
-        write_split(root, split, [[Spec(f"{split}{s}_{i}", 12, (s * per + i) % NUM_CLASSES, height=32, width=32)
-                                   for i in range(per)] for s in range(n_shards)])
-    return root
+    return write_tiny_shards(tmp_path_factory.mktemp("slurm_shards"))
 
 
-def tiny_overrides(shards: Path, out: Path) -> list[str]:
-    """The e2e tests' tiny CPU run (tests/test_train_e2e.py) on top of the ViT-E/14 recipe. No run name:
-    the scripts' default `<model>-job<SLURM_JOB_ID>` is what a requeued job resumes from."""
-    o = {"model.name": "s4v_tiny", "model.num_classes": NUM_CLASSES, "model.num_frames": 4,
-         "model.backbone_dtype": "fp32", "model.pretrained": "null", "model.grad_checkpointing": "false",
-         "data.root": str(shards), "data.loader": "pyav", "data.num_frames": 4, "data.image_size": 32,
-         "data.resize_short": 32, "data.batch_size": 2, "data.num_workers": 1, "data.min_shards_per_reader": 0,
-         "data.shuffle_buffer": 8, "engine.ds_config": "ds_configs/zero2_fp32.json", "optim.lr": 1e-3,
-         "optim.warmup_epochs": 0.5, "train.epochs": 4, "train.output_dir": str(out),
-         "train.log_every_steps": 1, "train.deterministic": "true", "eval.at_end": "false",
-         "eval.every_epochs": 0, "train.export": "true"}
-    return [f"{k}={v}" for k, v in o.items()]
+def slurm_overrides(shards: Path, out: Path) -> list[str]:
+    """The e2e tests' tiny CPU run (tests/_train_fixtures.py) on top of the ViT-E/14 recipe. No run name
+    (null): the scripts' default `<model>-job<SLURM_JOB_ID>` is what a requeued job resumes from."""
+    return tiny_overrides(shards, out, "null", **{"model.pretrained": "null", "model.grad_checkpointing": "false",
+                                                  "train.epochs": 4, "eval.every_epochs": 0, "train.export": "true"})
 
 
 def results(log: Path) -> list[dict]:
     """Every rank's RESULT_JSON line (a progress bar may share its line: tqdm ends lines with CR)."""
     return [json.loads(m) for m in re.findall(r"RESULT_JSON (\{[^\n\r]*\})", log.read_text(errors="replace"))]
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
 
 
 def metric_rows(run_dir: Path) -> int:
@@ -183,7 +167,7 @@ def uninterrupted(cluster, shards, ds_ops, tmp_path_factory):
     """slurm/train_vite_k400.sh, unchanged, on 2 nodes: the reference run."""
     out = tmp_path_factory.mktemp("slurm_train")
     job = cluster.sbatch(*SBATCH_2X1, f"--output={out}/%x-%j.out", "slurm/train_vite_k400.sh",
-                         *tiny_overrides(shards, out))
+                         *slurm_overrides(shards, out))
     log = out / f"s4v-e14-k400-{job}.out"
     info = cluster.wait(job, timeout=240, log=log)
     return job, info, log, out / f"s4v_tiny-job{job}"
@@ -232,7 +216,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes(cluster, shards, uninter
     ref_job, ref_info, _, ref_dir = uninterrupted
     assert ref_info["JobState"] == "COMPLETED", "the reference run failed"
     job = cluster.sbatch(*SBATCH_2X1, f"--output={tmp_path}/%x-%j.out", "slurm/train_vite_k400.sh",
-                         *tiny_overrides(shards, tmp_path))
+                         *slurm_overrides(shards, tmp_path))
     log = tmp_path / f"s4v-e14-k400-{job}.out"
     run_dir = tmp_path / f"s4v_tiny-job{job}"
     # Training has started (so the handlers are installed) once rank 0 logged a few steps.

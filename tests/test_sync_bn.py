@@ -9,7 +9,7 @@ import torch.multiprocessing as mp
 
 import s4v
 from s4v.bench.memory import OFFICIAL_LIKE
-from tests._train_fixtures import free_port
+from s4v.train.dist import free_port
 
 SETTINGS = {"defaults": ({}, False), "checkpointing": ({}, True),
             "no_fusion": ({k: v for k, v in OFFICIAL_LIKE.items() if k != "side.attention"}, False)}

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tests._train_fixtures import NUM_CLASSES, free_port, tiny_overrides, write_tiny_shards
+from s4v.train.dist import free_port
+from tests._train_fixtures import NUM_CLASSES, losses, tiny_overrides, write_tiny_shards
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,11 +36,6 @@ def run_train(args, nproc=1, timeout=300):
     return json.loads(line[len("RESULT_JSON "):])
 
 
-def losses(run_dir):
-    rows = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
-
-
 @pytest.mark.slow
 def test_resume_gives_the_same_losses_as_an_uninterrupted_run(shards, tmp_path):
     full = run_train(overrides(shards, tmp_path, "full"))
@@ -59,10 +55,19 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(shards, tmp_path):
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000024"
 
 
+# Two ranks, fp32 ZeRO-2, one epoch, evaluated and exported: checked on its own and the reference of the
+# other ZeRO stages (trained once per module).
+ZERO2_TWO_RANKS = {"train.epochs": 1, "eval.at_end": True, "train.export": True}
+
+
+@pytest.fixture(scope="module")
+def zero2_two_ranks(shards, tmp_path_factory):
+    return run_train(overrides(shards, tmp_path_factory.mktemp("zero2"), "ddp", **ZERO2_TWO_RANKS), nproc=2)
+
+
 @pytest.mark.slow
-def test_two_ranks_train_evaluate_and_export(shards, tmp_path):
-    res = run_train(overrides(shards, tmp_path, "ddp", **{"train.epochs": 1, "eval.at_end": True,
-                                                           "train.export": True}), nproc=2)
+def test_two_ranks_train_evaluate_and_export(zero2_two_ranks):
+    res = zero2_two_ranks
     assert res["status"] == "finished" and res["step"] == 6  # 24 clips / 2 ranks / batch 2
     assert 0.0 <= res["val_top1"] <= 1.0
     run_dir = Path(res["run_dir"])
@@ -121,12 +126,11 @@ def test_shard_backbone_without_a_weights_file_is_refused(shards, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [1, 3])
-def test_zero_stages_train_like_zero2(shards, tmp_path, stage):
+def test_zero_stages_train_like_zero2(shards, tmp_path, zero2_two_ranks, stage):
     """Two ranks, fp32: ZeRO-1 and ZeRO-3 (parameters partitioned and gathered per module) give ZeRO-2's
     per-step losses, and the export of a ZeRO-3 run evaluates like the run's own last evaluation."""
-    extra = {"train.epochs": 1, "eval.at_end": True, "train.export": True}
-    ref = run_train(overrides(shards, tmp_path, "zero2", **extra), nproc=2)
-    got = run_train(overrides(shards, tmp_path, f"zero{stage}", **extra,
+    ref = zero2_two_ranks
+    got = run_train(overrides(shards, tmp_path, f"zero{stage}", **ZERO2_TWO_RANKS,
                               **{"engine.ds_config": f"ds_configs/zero{stage}_fp32.json"}), nproc=2)
     a, b = losses(ref["run_dir"]), losses(got["run_dir"])
     assert sorted(a) == sorted(b) == list(range(1, 7))

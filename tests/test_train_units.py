@@ -2,7 +2,6 @@
 bookkeeping, synchronised BatchNorm, recognition metrics."""
 import math
 import os
-import socket
 
 import pytest
 import torch
@@ -10,6 +9,7 @@ import torch.multiprocessing as mp
 
 from s4v.eval.metrics import accuracy_report, topk_accuracy
 from s4v.train import checkpoint
+from s4v.train.dist import free_port
 from s4v.train.engine import build_ds_config, warmup_cosine
 
 DS_ARGS = dict(micro_batch=4, grad_accum=2, world_size=3, grad_clip=1.0, lr=1e-3, betas=(0.9, 0.999),
@@ -116,12 +116,6 @@ def test_topk_and_mean_class_accuracy():
     assert rep["mean_class_acc"] == pytest.approx(0.5)  # class 2 absent from labels: not averaged
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _sync_bn_worker(rank, world, port, x, grad_out, results):
     import torch.distributed as dist
 
@@ -150,7 +144,7 @@ def test_sync_batchnorm_equals_single_process_full_batch():
     out = ref(xr)
     (out * grad_out).sum().backward()
     results = mp.Manager().dict()
-    mp.spawn(_sync_bn_worker, args=(2, _free_port(), x, grad_out, results), nprocs=2)
+    mp.spawn(_sync_bn_worker, args=(2, free_port(), x, grad_out, results), nprocs=2)
     got_out = torch.cat([results[0][0], results[1][0]])
     got_grad = torch.cat([results[0][1], results[1][1]])
     assert torch.allclose(got_out, out.detach(), atol=1e-5)

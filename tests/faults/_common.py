@@ -10,7 +10,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from tests._train_fixtures import NUM_CLASSES, free_port, tiny_overrides  # noqa: F401
+from s4v.train.dist import free_port
+from tests._train_fixtures import tiny_overrides
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -21,9 +22,9 @@ def overrides(root, out, run, **extra) -> list[str]:
 
 
 class Run:
-    def __init__(self, proc: subprocess.CompletedProcess, seconds: float, ended: float):
+    def __init__(self, proc: subprocess.CompletedProcess, ended: float):
         self.returncode, self.stdout, self.stderr = proc.returncode, proc.stdout, proc.stderr
-        self.seconds, self.ended = seconds, ended
+        self.ended = ended
 
     @property
     def output(self) -> str:
@@ -52,9 +53,8 @@ def launch(args: list[str], nproc: int = 1, faults: Optional[dict] = None, timeo
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
                "127.0.0.1", "--master_port", str(free_port()), "--monitor_interval", "0.5", *mod]
-    t0 = time.time()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    return Run(proc, time.time() - t0, time.time())
+    return Run(proc, time.time())
 
 
 def ckpt_dir(out: Path, run: str) -> Path:

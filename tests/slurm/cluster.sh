@@ -110,7 +110,6 @@ start() {
         --pid-file="$dir/munge/munged.pid" --log-file="$dir/munge/munged.log" \
         --seed-file="$dir/munge/munged.seed" --num-threads=2 \
         || die "munged failed to start: $(tail -n 5 "$dir/munge/munged.log" 2>/dev/null)"
-    cp "$dir/munge/munged.pid" "$dir/run/munged.pid" 2>/dev/null || true
 
     # fake GPU devices (aliases of /dev/null), one set per node
     local gres_files
