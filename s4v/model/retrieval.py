@@ -234,8 +234,7 @@ class Side4VideoRetrieval(nn.Module):
         return self.interaction.prepare_video(frames)
 
     def prepare_text(self, tokens: torch.Tensor, ids: torch.Tensor) -> TextEmbedding:
-        mask = ids != 0
-        return self.interaction.prepare_text(tokens, mask, ids.argmax(dim=-1))
+        return self.interaction.prepare_ids(tokens, ids)
 
     def forward(self, video: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Scaled similarity logits `[A, B]` of texts `ids` against `video`."""

@@ -94,6 +94,10 @@ class TokenInteraction(nn.Module):
         feats = F.normalize(tokens, dim=-1) * mask.unsqueeze(-1)
         return TextEmbedding(feats, mask, weights)
 
+    def prepare_ids(self, tokens: torch.Tensor, ids: torch.Tensor) -> TextEmbedding:
+        """`prepare_text` for CLIP token `ids` `[A, L]`: padding is id 0, the EOT token has the largest id."""
+        return self.prepare_text(tokens, ids != 0, ids.argmax(dim=-1))
+
     def prepare_video(self, frames: torch.Tensor) -> VideoEmbedding:
         """`frames` `[B, T, E]` per-frame embeddings (the video mask is all ones, as the official code)."""
         frames = frames.float()

@@ -206,7 +206,7 @@ class RetrievalEngineModule(nn.Module):
         return self.interaction.prepare_video(frames)
 
     def text_embedding(self, ids: torch.Tensor):
-        return self.interaction.prepare_text(self._text_tokens(ids), ids != 0, ids.argmax(dim=-1))
+        return self.interaction.prepare_ids(self._text_tokens(ids), ids)
 
     def loss(self, video: torch.Tensor, taps, ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         from s4v.model.wti import TextEmbedding, VideoEmbedding, token_wise_score
