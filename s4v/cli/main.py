@@ -33,8 +33,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     names = s4v.list_models() if args.name == "all" else [args.name]
     for name in names:
         retrieval = name in RETRIEVAL_MODELS
-        frames = args.num_frames if args.num_frames is not None else (12 if retrieval else 8)
-        model = s4v.create_model(name, None if retrieval else args.num_classes, frames, device="meta")
+        model = s4v.create_model(name, args.num_classes, args.num_frames, device="meta")  # each family's defaults
+        frames = model.num_frames
         st = model_stats(model)
         bb, side = model.spec.backbone, model.spec.side
         taps = side.tap_layers(bb.layers)
