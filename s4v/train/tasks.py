@@ -17,6 +17,7 @@ here unchanged); `retrieval` is the text-video model of spec 5:
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -39,6 +40,25 @@ def single_view(data_cfg):
     import dataclasses
 
     return dataclasses.replace(data_cfg, test_crops=1, test_clips=1)
+
+
+def validation_loader(data_cfg, info: DistInfo, full_views: bool):
+    """(data config, loader) of an evaluation during training: every test view, or one (`single_view`)."""
+    from s4v.data.loader import build_loader
+
+    d = data_cfg if full_views else single_view(data_cfg)
+    return d, build_loader(d, d.val_split, train=False, rank=info.rank, world_size=info.world_size, epoch=0,
+                           device=info.device.type)
+
+
+@contextlib.contextmanager
+def evaluating(engine):
+    """The engine in eval mode for the block, back in train mode afterwards (whatever happens)."""
+    engine.eval()
+    try:
+        yield
+    finally:
+        engine.train()
 
 
 # =========================================================================================== recognition
@@ -83,20 +103,14 @@ class RecognitionTask:
         return (losses * valid).sum() / valid.sum().clamp_min(1)
 
     def evaluate(self, trainer, full_views: bool) -> dict:
-        from s4v.data.loader import build_loader
         from s4v.eval.evaluate import evaluate
         from s4v.train.metrics import confusion_image
 
         cfg, info = self.cfg, trainer.info
-        d = cfg.data if full_views else single_view(cfg.data)
-        loader = build_loader(d, d.val_split, train=False, rank=info.rank, world_size=info.world_size, epoch=0,
-                              device=info.device.type)
-        trainer.engine.eval()
-        try:
+        _, loader = validation_loader(cfg.data, info, full_views)
+        with evaluating(trainer.engine):
             report = evaluate(lambda v: self.forward(trainer, v), loader, cfg.model.num_classes, info.device,
                               progress=info.is_main)
-        finally:
-            trainer.engine.train()
         prefix = "val" if full_views else "val_single"
         trainer.logger.log(trainer.step, {f"{prefix}/top1": report["top1"], f"{prefix}/top5": report["top5"],
                                           f"{prefix}/mean_class_acc": report["mean_class_acc"]})
@@ -303,23 +317,17 @@ class RetrievalTask:
         return trainer.engine("loss", video, taps, ids, valid.to(device))
 
     def evaluate(self, trainer, full_views: bool) -> dict:
-        from s4v.data.loader import build_loader
         from s4v.eval.retrieval import evaluate_retrieval
 
         cfg, info = self.cfg, trainer.info
-        d = cfg.data if full_views else single_view(cfg.data)
-        loader = build_loader(d, d.val_split, train=False, rank=info.rank, world_size=info.world_size, epoch=0,
-                              device=info.device.type)
+        d, loader = validation_loader(cfg.data, info, full_views)
         engine, model = trainer.engine, trainer.model
-        engine.eval()
-        try:
+        with evaluating(engine):
             report = evaluate_retrieval(
                 lambda v: engine("video", v, model.backbone(v.flatten(0, 1))),
                 lambda texts: engine("text", self.tokenize(texts, info.device)),
                 loader, self.captions(d.val_split), info.device, progress=info.is_main,
                 ties=cfg.retrieval.eval_ties, block=cfg.retrieval.eval_block)
-        finally:
-            engine.train()
         prefix = "val" if full_views else "val_single"
         log_retrieval(trainer.logger, trainer.step, prefix, report)
         return report
