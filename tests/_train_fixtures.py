@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
+
+from s4v.train.dist import free_port
 
 from tests._video_fixtures import Spec, write_split
 
@@ -35,3 +38,17 @@ def losses(run_dir) -> dict[int, float]:
     """step -> training loss, from a run's metrics.jsonl."""
     rows = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+
+
+def python_cmd(nproc: int, *args: str, launcher_args: tuple[str, ...] = ()) -> list[str]:
+    """`python <args>` in one process, or under torchrun in `nproc` ranks on 127.0.0.1 (a free port)."""
+    if nproc == 1:
+        return [sys.executable, *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
+            "127.0.0.1", "--master_port", str(free_port()), *launcher_args, *args]
+
+
+def result_json(stdout: str) -> dict:
+    """The last `RESULT_JSON {...}` line that s4v train / eval print."""
+    line = [x for x in stdout.splitlines() if x.startswith("RESULT_JSON ")][-1]
+    return json.loads(line[len("RESULT_JSON "):])

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests._train_fixtures import python_cmd, result_json
+
 REPO = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="2", PYTHONPATH=str(REPO))
 
@@ -36,11 +38,6 @@ def captioned_small(tmp_path_factory):
     return root
 
 
-def _result(stdout: str) -> dict:
-    line = [x for x in stdout.splitlines() if x.startswith("RESULT_JSON ")][-1]
-    return json.loads(line[len("RESULT_JSON "):])
-
-
 def _tiny_args(root, out, run, **extra) -> list[str]:
     args = {"task": "retrieval", "model.name": "s4v_retrieval_tiny", "model.num_frames": 4,
             "model.backbone_dtype": "fp32", "data.root": str(root), "data.loader": "pyav", "data.num_frames": 4,
@@ -55,15 +52,10 @@ def _tiny_args(root, out, run, **extra) -> list[str]:
 
 
 def _eval(run_dir: Path, *overrides: str, nproc: int = 1) -> dict:
-    cmd = [sys.executable, "-m", "s4v.cli.main", "eval", str(run_dir), *overrides]
-    if nproc > 1:
-        from s4v.train.dist import free_port
-
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
-               "127.0.0.1", "--master_port", str(free_port()), *cmd[1:]]
+    cmd = python_cmd(nproc, "-m", "s4v.cli.main", "eval", str(run_dir), *overrides)
     out = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    return _result(out.stdout)
+    return result_json(out.stdout)
 
 
 @pytest.mark.slow
@@ -75,7 +67,7 @@ def test_tiny_retrieval_generalises_to_held_out_clips_and_s4v_eval_reads_the_exp
     proc = subprocess.run([sys.executable, "-m", "s4v.train", *args], cwd=REPO, env=ENV, capture_output=True,
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    res = _result(proc.stdout)
+    res = result_json(proc.stdout)
     assert res["status"] == "finished" and res["step"] == 1280
     assert res["val_t2v_r1"] >= 6.0 and res["val_v2t_r1"] >= 5.0, res  # chance: 0.8
     assert res["val_t2v_r10"] >= 35.0 and res["val_t2v_medr"] <= 16.0, res  # chance: 7.8 and 64.5
@@ -98,18 +90,14 @@ def test_two_ranks_zero3_bertadam_retrieval_matches_its_export(captioned_small, 
     """The official optimiser (BertAdam, global-progress cosine) on ZeRO-3 over two gloo ranks: training,
     the evaluation across ranks, the export (gathered from the partitions) and `s4v eval` of it on one and
     two processes all give the same figures, so both ranks hold the same model."""
-    from s4v.train.dist import free_port
-
     args = _tiny_args(captioned_small, tmp_path, "z3", **{
         "engine.ds_config": "ds_configs/zero3_fp32.json", "optim.optimizer": "bertadam",
         "optim.schedule": "cosine_global", "data.batch_size": 8, "train.epochs": 2, "eval.every_epochs": 1,
         "train.log_every_steps": 1})
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), "-m", "s4v.train", *args]
-    proc = subprocess.run(cmd, cwd=REPO, env=dict(ENV, OMP_NUM_THREADS="1"), capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(python_cmd(2, "-m", "s4v.train", *args), cwd=REPO, env=dict(ENV, OMP_NUM_THREADS="1"),
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    res = _result(proc.stdout)
+    res = result_json(proc.stdout)
     assert res["status"] == "finished" and res["step"] == 8  # 64 clips / 2 ranks / 8 per batch x 2 passes
     run_dir = Path(res["run_dir"])
     ds = json.loads((run_dir / "ds_config.json").read_text())

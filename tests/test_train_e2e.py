@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from s4v.train.dist import free_port
-from tests._train_fixtures import NUM_CLASSES, losses, tiny_overrides, write_tiny_shards
+from tests._train_fixtures import (NUM_CLASSES, losses, python_cmd, result_json, tiny_overrides,
+                                   write_tiny_shards)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,15 +25,10 @@ overrides = tiny_overrides
 def run_train(args, nproc=1, timeout=300):
     env = dict(os.environ, DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
                PYTHONPATH=str(REPO))
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "s4v.train", *args]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "s4v.train", *args]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(python_cmd(nproc, "-m", "s4v.train", *args), cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT_JSON ")][-1]
-    return json.loads(line[len("RESULT_JSON "):])
+    return result_json(proc.stdout)
 
 
 @pytest.mark.slow

@@ -5,13 +5,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Optional
 
-from s4v.train.dist import free_port
-from tests._train_fixtures import tiny_overrides
+from tests._train_fixtures import python_cmd, result_json, tiny_overrides
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -31,9 +29,8 @@ class Run:
         return self.stdout + self.stderr
 
     def result(self) -> dict:
-        lines = [x for x in self.stdout.splitlines() if x.startswith("RESULT_JSON ")]
-        assert lines, f"no RESULT_JSON (rc {self.returncode}):\n{self.tail()}"
-        return json.loads(lines[-1][len("RESULT_JSON "):])
+        assert "RESULT_JSON " in self.stdout, f"no RESULT_JSON (rc {self.returncode}):\n{self.tail()}"
+        return result_json(self.stdout)
 
     def tail(self, n: int = 3000) -> str:
         return self.stdout[-n:] + "\n--- stderr ---\n" + self.stderr[-n:]
@@ -47,12 +44,8 @@ def launch(args: list[str], nproc: int = 1, faults: Optional[dict] = None, timeo
         if k.startswith("S4V_FAULT_") or k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
             del env[k]
     env.update(faults or {})
-    mod = ["-m", "tests.faults.faulty_train", *args]
-    if nproc == 1:
-        cmd = [sys.executable, *mod]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
-               "127.0.0.1", "--master_port", str(free_port()), "--monitor_interval", "0.5", *mod]
+    cmd = python_cmd(nproc, "-m", "tests.faults.faulty_train", *args,
+                     launcher_args=("--monitor_interval", "0.5"))
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     return Run(proc, time.time())
 
