@@ -42,9 +42,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"s4v eval: error: {err}", file=sys.stderr)
         return 2
 
-    import torch
-
-    from s4v.data.loader import build_loader
     from s4v.eval.evaluate import evaluate
     from s4v.model.checkpoint_io import load_model
     from s4v.train.dist import init_distributed
@@ -56,37 +53,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _eval_retrieval(cfg, model_file, target, info)
     model = load_model(model_file, pretrained=cfg.model.pretrained, device=info.device,
                        backbone_dtype=cfg.model.backbone_dtype)
-    loader = build_loader(cfg.data, cfg.data.val_split, train=False, rank=info.rank,
-                          world_size=info.world_size, device=info.device.type)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if info.device.type == "cuda" else None
-    with autocast or _null():
-        report = evaluate(model, loader, model.num_classes, info.device, progress=info.is_main)
+    with _autocast(info):
+        report = evaluate(model, _val_loader(cfg, info), model.num_classes, info.device, progress=info.is_main)
     if info.is_main:
         views = f"{cfg.data.test_crops} crops x {cfg.data.test_clips} clips"
         print(f"top1 {report['top1']:.4f}  top5 {report['top5']:.4f}  mean-class {report['mean_class_acc']:.4f}"
               f"  ({report['num_samples']} videos, {views})")
         summary = {k: report[k] for k in ("top1", "top5", "mean_class_acc", "num_samples")}
         summary.update(model=str(model_file), views=views, split=cfg.data.val_split)
-        if target.is_dir():
-            from s4v.fileio import atomic_write_bytes
-
-            atomic_write_bytes(target / "eval.json", json.dumps(summary, indent=1).encode())
-        print("RESULT_JSON " + json.dumps(summary, sort_keys=True))
+        _write_summary(target, summary)
     return 0
 
 
 def _eval_retrieval(cfg, model_file, target, info) -> int:
-    import torch
-
     from s4v.data.captions import CaptionBank
-    from s4v.data.loader import build_loader
     from s4v.eval.retrieval import evaluate_retrieval
     from s4v.model.retrieval import load_retrieval_model, tokenize
 
     model = load_retrieval_model(model_file, pretrained=cfg.model.pretrained, device=info.device,
                                  backbone_dtype=cfg.model.backbone_dtype)
-    loader = build_loader(cfg.data, cfg.data.val_split, train=False, rank=info.rank,
-                          world_size=info.world_size, device=info.device.type)
+    loader = _val_loader(cfg, info)
     captions = CaptionBank.load(cfg.data.root, cfg.data.val_split)
     max_words = cfg.retrieval.max_words
 
@@ -97,8 +83,7 @@ def _eval_retrieval(cfg, model_file, target, info) -> int:
         ids = tokenize(texts, max_words).to(info.device)
         return model.prepare_text(model.encode_text(ids)[0], ids)
 
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if info.device.type == "cuda" else None
-    with autocast or _null():
+    with _autocast(info):
         report = evaluate_retrieval(encode_video, encode_texts, loader, captions, info.device,
                                     progress=info.is_main, ties=cfg.retrieval.eval_ties,
                                     block=cfg.retrieval.eval_block)
@@ -107,18 +92,35 @@ def _eval_retrieval(cfg, model_file, target, info) -> int:
         print(f"{line}  ({report['num_texts']} texts, {report['num_videos']} videos)")
         summary = {k: v for k, v in report.items() if k != "keys"}
         summary.update(model=str(model_file), split=cfg.data.val_split, ties=cfg.retrieval.eval_ties)
-        if target.is_dir():
-            from s4v.fileio import atomic_write_bytes
-
-            atomic_write_bytes(target / "eval.json", json.dumps(summary, indent=1).encode())
-        print("RESULT_JSON " + json.dumps(summary, sort_keys=True))
+        _write_summary(target, summary)
     return 0
 
 
-def _null():
+def _val_loader(cfg, info):
+    from s4v.data.loader import build_loader
+
+    return build_loader(cfg.data, cfg.data.val_split, train=False, rank=info.rank, world_size=info.world_size,
+                        device=info.device.type)
+
+
+def _autocast(info):
+    """bf16 autocast on a GPU, nothing on the CPU."""
     import contextlib
 
+    import torch
+
+    if info.device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def _write_summary(target: Path, summary: dict) -> None:
+    """`eval.json` in a run directory (atomically), and the RESULT_JSON line scripts read."""
+    if target.is_dir():
+        from s4v.fileio import atomic_write_bytes
+
+        atomic_write_bytes(target / "eval.json", json.dumps(summary, indent=1).encode())
+    print("RESULT_JSON " + json.dumps(summary, sort_keys=True))
 
 
 if __name__ == "__main__":
