@@ -9,7 +9,7 @@ import torch
 
 from s4v.config import ConfigError
 from s4v.experiment import load_experiment
-from s4v.train.loop import preflight
+from s4v.train.preflight import preflight
 
 from ._common import launch, overrides
 

@@ -71,12 +71,12 @@ def test_broken_samples_skipped_and_counted_with_reasons(bad_split, engine):
 
 def test_out_of_range_label_delivered_only_without_a_class_count(bad_split):
     """The range check is opt-in for the data layer (retrieval has no classes); the trainer sets
-    data.num_classes = model.num_classes for recognition (s4v.train.loop.with_label_range)."""
+    data.num_classes = model.num_classes for recognition (s4v.train.preflight.with_label_range)."""
     loader = build_loader(_cfg(bad_split, "pyav", num_classes=None), "train", train=False)
     got = dict(_read_all(loader))
     assert got["bad_label"] == 9 and got["neg_label"] == -1
     from s4v.experiment import ExperimentConfig
-    from s4v.train.loop import with_label_range
+    from s4v.train.preflight import with_label_range
 
     cfg = ExperimentConfig()
     cfg.model.num_classes = 6
