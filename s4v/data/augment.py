@@ -5,6 +5,13 @@ the RandAugment ops of each view to the full-size frames, crop `box` (pixels of 
 to `resized`) and resize it to `image_size`, flip, grayscale, normalise. DALI does the crop and
 both resizes in one ROI resize (`roi()` maps the box back to source pixels); PyAV resizes first
 and then crops. Because the choices are data, a rebuilt or resumed pipeline reproduces them.
+
+RandAugment follows the official one (SlowFast/timm `rand_augment.py`, "rand-m7-n4-mstd0.5-inc1"):
+n ops drawn with replacement, each applied with probability 0.5, the same op and magnitude on every
+frame of a clip, magnitude m + N(0, mstd) clipped to [0, 10]. Differences (s4v runs DALI's op suite,
+mirrored by the PyAV loader): no `Invert` and no `SolarizeAdd` (13 ops instead of 15); translation is
+at most `data.rand_augment_translate` pixels (115 = 0.45 x 256) instead of 0.45 x the frame's own
+width/height; posterize keeps 8..4 bits instead of 4..0; magnitudes are rounded to integer bins.
 """
 from __future__ import annotations
 
@@ -25,21 +32,26 @@ RA_OPS: list[tuple[str, bool]] = [
     ("solarize", False), ("equalize", False), ("auto_contrast", False), ("identity", False),
 ]
 RA_BINS = 11  # timm magnitudes are on a 0..10 scale: bin b of 11 == timm magnitude b
+RA_IDENTITY = [name for name, _ in RA_OPS].index("identity")
+# The ops a RandAugment layer draws from: DALI's suite without identity (the official op list has none;
+# identity only fills the slot of an op that is not applied, so both loaders keep n slots per view).
+RA_CHOICES = [i for i in range(len(RA_OPS)) if i != RA_IDENTITY]
 
 
 @dataclass(frozen=True)
 class RandAugmentSpec:
-    n: int  # ops per clip
+    n: int  # ops drawn per clip
     m: int  # magnitude (0..10)
     mstd: float  # std of the per-op magnitude noise (timm `mstd`)
+    p: float = 0.5  # probability that each drawn op is applied (timm / official: 0.5)
 
 
 def parse_rand_augment(spec: str) -> RandAugmentSpec:
-    """Parse a timm-style string such as "rand-m7-n4-mstd0.5-inc1"."""
+    """Parse a timm-style string such as "rand-m7-n4-mstd0.5-inc1" (optional "-p0.5": per-op probability)."""
     parts = spec.split("-")
     if parts[0] != "rand":
         raise ValueError(f"rand_augment must start with 'rand-', got {spec!r}")
-    n, m, mstd = 2, 9, 0.0
+    n, m, mstd, p_apply = 2, 9, 0.0, 0.5
     for p in parts[1:]:
         mo = re.fullmatch(r"([a-z]+)([0-9.]+)", p)
         if not mo:
@@ -51,13 +63,34 @@ def parse_rand_augment(spec: str) -> RandAugmentSpec:
             n = int(v)
         elif k == "mstd":
             mstd = float(v)
+        elif k == "p":
+            p_apply = float(v)
         elif k == "inc":
             pass  # DALI's suite is the monotonic ("increasing") one already
         else:
             raise ValueError(f"unsupported rand_augment option {k!r} in {spec!r}")
     if not 0 <= m < RA_BINS:
         raise ValueError(f"rand_augment magnitude must be in [0, {RA_BINS - 1}], got {m}")
-    return RandAugmentSpec(n, m, mstd)
+    if not 0 <= p_apply <= 1:
+        raise ValueError(f"rand_augment probability must be in [0, 1], got {p_apply}")
+    return RandAugmentSpec(n, m, mstd, p_apply)
+
+
+def rand_augment_ops(rng: np.random.Generator, ra: RandAugmentSpec) -> list[tuple[int, int]]:
+    """One view's RandAugment layers as in timm's (and the official) RandAugment: `n` ops drawn with
+    replacement, each applied with probability `p` at magnitude m + N(0, mstd) (clipped to the bins),
+    geometric and enhance ops with a random sign. An op not applied is `identity`, so there are always
+    `n` (op, bin) pairs; bin < 0 means negated (-bin - 1)."""
+    ops = []
+    for op in rng.choice(RA_CHOICES, size=ra.n):
+        if rng.random() >= ra.p:
+            ops.append((RA_IDENTITY, 0))
+            continue
+        mag = ra.m + (rng.normal(0.0, ra.mstd) if ra.mstd > 0 else 0.0)
+        mag = int(np.clip(round(mag), 0, RA_BINS - 1))
+        negate = RA_OPS[int(op)][1] and rng.random() < 0.5
+        ops.append((int(op), -mag - 1 if negate else mag))  # -mag-1 keeps "-0" distinct
+    return ops
 
 
 @dataclass
@@ -148,13 +181,7 @@ def plan_sample(cfg: DataConfig, key: str, label: int, num_frames: int, height: 
             box = random_resized_crop(rng, rh, rw, tuple(cfg.crop_area), tuple(cfg.crop_ratio))
             flip = bool(cfg.flip and rng.random() < cfg.flip_prob)
             gray = bool(rng.random() < cfg.grayscale_prob)
-            ops = []
-            if ra is not None:
-                for op in rng.integers(0, len(RA_OPS), size=ra.n):
-                    mag = ra.m + (rng.normal(0.0, ra.mstd) if ra.mstd > 0 else 0.0)
-                    mag = int(np.clip(round(mag), 0, RA_BINS - 1))
-                    negate = RA_OPS[int(op)][1] and rng.random() < 0.5
-                    ops.append((int(op), -mag - 1 if negate else mag))  # -mag-1 keeps "-0" distinct
+            ops = rand_augment_ops(rng, ra) if ra is not None else []
             views.append(View(0, tuple(float(v) for v in box), flip, gray,
                               swap.get(label, label) if flip else label, ops))
     else:
