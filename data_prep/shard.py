@@ -13,9 +13,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Optional, Sequence
 
+from data_prep.classes import class_list_conflicts
 from data_prep.datasets import ALIASES, PARSERS, AnnotationError, ParseArgs, parse_split
+from data_prep.staging import JOURNAL, replace_split, staging_dir
 from data_prep.transcode import EncodeOptions, Transcoder
-from data_prep.writer import Interrupted, ShardOptions, merge_index, write_split
+from data_prep.writer import Interrupted, ShardOptions, save_index, write_split
+from s4v.data.format import SplitIndex
 
 
 def parse_size(text: str) -> int:
@@ -40,7 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--annotations", type=Path, help="folder of the dataset's annotation files (manifest: the file)")
     p.add_argument("--split", required=True, help="train, val, test (dataset-specific names, e.g. msrvtt train7k)")
     p.add_argument("--out", type=Path, required=True, help="output folder for the split's shards and index")
-    p.add_argument("--classes", type=Path, help="folder/manifest: class list file, one name per line")
+    p.add_argument("--classes", type=Path,
+                   help="folder/manifest: class list file, one name per line, or a split index (OUT/train-index.json) "
+                        "whose class list to reuse; give the same one to every split")
     g = p.add_argument_group("clips")
     g.add_argument("--codec", choices=["h264", "vp9"], default="h264",
                    help="h264 (GPU decoders) or vp9 (also DALI's CPU decoder)")
@@ -56,7 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--shard-size", type=int, default=100, help="samples per shard")
     s.add_argument("--max-shard-bytes", type=parse_size,
                    help="also cap shard size (e.g. 1G); an over-full shard continues in NAME-01.tar, ...")
-    s.add_argument("--shuffle-seed", type=int, help="shuffle the sample order (default: sorted by source id)")
+    s.add_argument("--seed", type=int, default=0,
+                   help="seed of the sample shuffle of train splits (default 0); other splits stay sorted by source id")
+    s.add_argument("--no-shuffle", action="store_true",
+                   help="keep train splits sorted by source id too (folder/manifest sources are then class-sorted)")
+    s.add_argument("--shuffle-seed", type=int, help=argparse.SUPPRESS)  # older option: shuffle any split with this seed
     s.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel processes")
     s.add_argument("--num-jobs", type=int, default=slurm_default("SLURM_ARRAY_TASK_COUNT", 1),
                    help="split the work into K disjoint sets of shards (default: $SLURM_ARRAY_TASK_COUNT or 1)")
@@ -65,21 +74,65 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which of the K parts this job writes (default: $SLURM_ARRAY_TASK_ID - $SLURM_ARRAY_TASK_MIN)")
     s.add_argument("--merge-index", action="store_true",
                    help="only write the split index from the finished parts of a job array")
-    s.add_argument("--overwrite", action="store_true", help="delete this split's existing shards first")
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace this split's existing shards (the new split is written aside and replaces the old "
+                        "one only once complete)")
     s.add_argument("--limit", type=int, help="only the first N records (sorted order), for a trial run")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
+def is_train_split(split: str) -> bool:
+    """`train`, `train9k`, `train_7k`, ...: splits whose sample order is shuffled by default."""
+    return split.lower().startswith("train")
+
+
+def shuffle_seed(args: argparse.Namespace) -> Optional[int]:
+    if args.shuffle_seed is not None:
+        return args.shuffle_seed
+    return None if args.no_shuffle or not is_train_split(args.split) else args.seed
+
+
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def check_classes(args: argparse.Namespace, classes: list[str]) -> None:
+    """Refuse a class list that differs from another split's in `--out`, unless `--classes` was given."""
+    conflicts = class_list_conflicts(args.out, args.split, classes)
+    if conflicts and args.classes is None:
+        raise AnnotationError(f"split {args.split!r} would get other classes than the splits already in {args.out} "
+                              f"({'; '.join(conflicts.values())}); its class indices would mean other classes. "
+                              f"Pass the same --classes FILE to every split (e.g. --classes "
+                              f"{args.out / next(iter(conflicts))} reuses that split's list); nothing written")
+    for conflict in conflicts.values():
+        warn(f"--classes {args.classes} differs from another split in {args.out}: {conflict}")
+
+
+def warn_empty_classes(out: Path, split: str) -> None:
+    index = SplitIndex.load(out, split)
+    counts = index.class_counts()
+    empty = [name for i, name in enumerate(index.classes) if not counts.get(i)]
+    if empty:
+        warn(f"{len(empty)} of {len(index.classes)} classes have no sample in split {index.split!r} "
+             f"(no usable video): {empty[:10]}")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.merge_index:
+        staged = staging_dir(args.out, args.split)
         try:
-            index = merge_index(args.out, args.split)
+            if (staged / JOURNAL / args.split / "plan.json").is_file():  # the parts of an --overwrite array
+                save_index(staged, args.split)
+                path = replace_split(staged, args.out, args.split)
+            else:
+                path = save_index(args.out, args.split)
         except (FileNotFoundError, RuntimeError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        print(f"{index.save(args.out)}: {index.num_samples} samples in {len(index.shards)} shards")
+        index = SplitIndex.load(args.out, args.split)
+        print(f"{path}: {index.num_samples} samples in {len(index.shards)} shards")
         return 0
     if not args.dataset or (args.videos is None and args.dataset != "manifest"):
         print("error: --dataset and --videos are required (or --merge-index)", file=sys.stderr)
@@ -89,10 +142,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                             preset=args.preset, max_seconds=args.max_seconds)
         parsed = parse_split(args.dataset, ParseArgs(args.videos, args.annotations, args.split, args.classes,
                                                      args.frames_fps))
+        for message in parsed.warnings:
+            warn(message)
+        check_classes(args, parsed.classes)
         records = sorted(parsed.records, key=lambda r: r.source_id)[:args.limit] if args.limit else parsed.records
         opts = ShardOptions(out=args.out, dataset=parsed.dataset, split=args.split, classes=parsed.classes,
                             codec=args.codec, shard_size=args.shard_size, max_shard_bytes=args.max_shard_bytes,
-                            min_frames=args.min_frames, workers=args.workers, shuffle_seed=args.shuffle_seed,
+                            min_frames=args.min_frames, workers=args.workers, shuffle_seed=shuffle_seed(args),
                             num_jobs=args.num_jobs, job_index=args.job_index, progress=not args.no_progress,
                             overwrite=args.overwrite, config=asdict(enc))
         summary = write_split(records, Transcoder(enc), opts)
@@ -100,6 +156,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 3 if isinstance(e, Interrupted) else 2
     print(summary.text())
+    if summary.index:
+        warn_empty_classes(args.out, args.split)
     return 0
 
 

@@ -187,8 +187,12 @@ NVDEC_MIN_H264_WIDTH = 48  # smallest H.264 frame width NVDEC is believed to dec
 
 def generate(out: Path, train: int = 3000, val: int = 500, size: int = 32, frames: int = 8, codec: str = "h264",
              task: str = "pair4", seed: int = 0, fps: float = 8.0, shard_size: int = 250, workers: int = 1,
-             crf: Optional[int] = None, progress: bool = True) -> list[Summary]:
-    """Write the train and val splits (shards, .idx, split indices) into `out`."""
+             crf: Optional[int] = None, progress: bool = True, overwrite: bool = False) -> list[Summary]:
+    """Write the train and val splits (shards, .idx, split indices) into `out`.
+
+    Every option that changes the clips is part of the writer's fingerprint (the clip parameters
+    travel in each record), so a rerun with other options is refused unless `overwrite`.
+    """
     if size % 2 or size < 16:
         raise ValueError(f"--size must be even and >= 16, got {size}")
     if frames < 3:
@@ -206,6 +210,7 @@ def generate(out: Path, train: int = 3000, val: int = 500, size: int = 32, frame
         records = make_records(split, n, task, size, frames, split_seed)
         opts = ShardOptions(out=out, dataset=f"synthetic-{task}", split=split, classes=TASKS[task], codec=codec,
                             shard_size=shard_size, min_frames=frames, workers=workers, progress=progress,
+                            overwrite=overwrite,
                             config={**asdict(enc), "fps_out": fps, "generator": "data_prep.synthetic v1"})
         summaries.append(write_split(records, SyntheticProducer(enc, fps), opts))
     return summaries
@@ -227,11 +232,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--shard-size", type=int, default=250)
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace splits made with other options (written aside, swapped in when complete)")
     args = p.parse_args(argv)
     t0 = time.time()
     try:
         summaries = generate(args.out, args.train, args.val, args.size, args.frames, args.codec, args.task, args.seed,
-                             args.fps, args.shard_size, args.workers, args.crf, not args.no_progress)
+                             args.fps, args.shard_size, args.workers, args.crf, not args.no_progress, args.overwrite)
     except (ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 3 if isinstance(e, Interrupted) else 2

@@ -21,7 +21,7 @@ import av
 import numpy as np
 
 from data_prep.mp4 import faststart
-from data_prep.records import VideoRecord
+from data_prep.records import VideoRecord, time_range_problem
 
 CODECS = {"h264": "libx264", "vp9": "libvpx-vp9"}
 DEFAULT_CRF = {"h264": 23, "vp9": 32}
@@ -62,8 +62,9 @@ class ClipProbe:
 
 
 def output_size(width: int, height: int, short_side: int) -> tuple[int, int]:
-    """Scale so the short side is `short_side` (0: unchanged), both sides even."""
-    if short_side:
+    """Scale down so the short side is `short_side`, both sides even; a source whose short side is
+    already at most `short_side` (or `short_side` 0) keeps its size (never upscaled)."""
+    if short_side and min(width, height) > short_side:
         scale = short_side / min(width, height)
         width, height = width * scale, height * scale
     return max(2, 2 * round(width / 2)), max(2, 2 * round(height / 2))
@@ -188,10 +189,35 @@ def resample_cfr(frames: Iterable[tuple[float, object]], src_rate: float, fps: f
         nxt += 1
 
 
+class _Tracked:
+    """Passes (time, frame) pairs through and remembers the last source time seen."""
+
+    def __init__(self, frames: Iterable[tuple[float, object]]):
+        self.frames, self.last = frames, None
+
+    def __iter__(self) -> Iterator[tuple[float, object]]:
+        for t, frame in self.frames:
+            self.last = t
+            yield t, frame
+
+
+def _counted(frames: Iterable[object], counter: list[int]) -> Iterator[object]:
+    for frame in frames:
+        counter[0] += 1
+        yield frame
+
+
 def transcode(record: VideoRecord, opts: EncodeOptions) -> bytes:
-    """Transcode one source (video file or frame folder, optionally trimmed) to an s4v clip."""
+    """Transcode one source (video file or frame folder, optionally trimmed) to an s4v clip.
+
+    A time range [start, end) must lie inside the video (one output frame of slack at the end);
+    otherwise the record is rejected with the video's length in the reason.
+    """
     if record.missing_reason:
         raise RejectError(record.missing_reason)
+    problem = time_range_problem(record.start, record.end)
+    if problem:
+        raise RejectError(problem)
     container = None
     try:
         if record.frames_dir:
@@ -208,7 +234,20 @@ def transcode(record: VideoRecord, opts: EncodeOptions) -> bytes:
             duration = min(duration, opts.max_seconds) if duration is not None else opts.max_seconds
         if duration is not None and duration <= 0:
             raise RejectError(f"empty time range {record.start}..{record.end}")
-        return encode_frames(resample_cfr(frames, src_rate, fps, record.start, duration), fps, opts)
+        source, produced = _Tracked(frames), [0]
+        try:
+            data = encode_frames(_counted(resample_cfr(source, src_rate, fps, record.start, duration), produced),
+                                 fps, opts)
+        except RejectError:
+            if record.start and source.last is not None:  # every frame was before the range
+                raise RejectError(f"time range outside the video: starts at {record.start:g} s, the video ends at "
+                                  f"{source.last + 1 / src_rate:.3f} s") from None
+            raise
+        if record.end is not None and produced[0] < math.floor(duration * fps + 0.5) - 1:
+            video_end = (source.last or 0.0) + 1 / src_rate
+            raise RejectError(f"time range outside the video: {record.start or 0:g}..{record.end:g} s, the video "
+                              f"ends at {video_end:.3f} s")
+        return data
     except RejectError:
         raise
     except (av.FFmpegError, OSError, ValueError, SyntaxError) as e:  # PIL raises OSError/SyntaxError

@@ -8,7 +8,12 @@ it). Shard content is a deterministic function of the ordered records and the op
   its tars and `.idx` files were renamed into place); a rerun skips groups whose entry matches the
   plan and whose tars have the recorded sizes, and rewrites every other group from scratch;
 - job arrays: job I of K writes the groups g with g % K == I; the split index is written by
-  `merge_index` (automatically by whichever job finds every group finished).
+  `merge_index` (automatically by whichever job finds every group finished);
+- `overwrite`: the new split is written aside (`.s4v-staging/{split}/`, resumable the same way) and
+  replaces the old one only once it is complete and holds at least one sample (staging.py).
+
+A split without records, or whose every record was rejected, is an `EmptySplitError`: no index is
+written, and nothing is replaced.
 """
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ import sys
 import time
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -30,10 +35,10 @@ from s4v.data.format import INDEX_NAME, ClipMeta, ShardInfo, SplitIndex, sample_
 from s4v.fileio import atomic_write, atomic_write_bytes
 
 from data_prep.records import VideoRecord
+from data_prep.staging import JOURNAL, replace_split, staging_dir
 from data_prep.tarwriter import TarSampleWriter, member_bytes
 from data_prep.transcode import RejectError, probe_clip
 
-JOURNAL = ".s4v-journal"
 REJECTS_NAME = "{split}-rejects.jsonl"
 STOP_ENV = "S4V_DATA_PREP_STOP_AFTER"  # testing hook: stop after this many shards were written
 MAX_KEY = 80
@@ -43,6 +48,10 @@ Producer = Callable[[VideoRecord], bytes]  # record -> finished clip bytes (must
 
 class Interrupted(RuntimeError):
     """The run stopped early (STOP_ENV); rerunning resumes it."""
+
+
+class EmptySplitError(RuntimeError):
+    """A split with no sample to write (no records, or every record rejected)."""
 
 
 @dataclass
@@ -124,8 +133,16 @@ def assign_keys(records: Sequence[VideoRecord]) -> list[str]:
     return keys
 
 
+def record_spec(record: VideoRecord) -> dict[str, Any]:
+    """Everything of a record that a producer may turn into output (e.g. the synthetic clip parameters
+    in `extra`); the source's location (`path`, `frames_dir`) is left out, so moved inputs still resume."""
+    spec = asdict(record)
+    del spec["path"], spec["frames_dir"]
+    return spec
+
+
 def fingerprint(opts: ShardOptions, keys: Sequence[str], records: Sequence[VideoRecord]) -> str:
-    items = [[k, r.source_id, r.label_index, r.captions, r.start, r.end] for k, r in zip(keys, records)]
+    items = [[k, record_spec(r)] for k, r in zip(keys, records)]
     spec = [opts.dataset, opts.split, opts.classes, opts.shard_size, opts.max_shard_bytes, opts.min_frames,
             opts.config, items]
     return hashlib.sha1(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
@@ -269,11 +286,23 @@ def _clear_split(out: Path, split: str) -> None:
 
 def write_split(records: Sequence[VideoRecord], produce: Producer, opts: ShardOptions) -> Summary:
     """Shard one split (this job's part of it); resumable, see the module docstring."""
+    if not records:
+        raise EmptySplitError(f"split {opts.split!r} has no input records: nothing written"
+                              + (f"; the existing {opts.split!r} shards in {opts.out} are kept" if opts.overwrite else ""))
+    if not opts.overwrite:
+        return _write_split(records, produce, opts, discard_other_plan=False)
+    staged = staging_dir(opts.out, opts.split)
+    summary = _write_split(records, produce, replace(opts, out=staged, overwrite=False), discard_other_plan=True)
+    if summary.index:
+        summary.index = str(replace_split(staged, opts.out, opts.split))
+    return summary
+
+
+def _write_split(records: Sequence[VideoRecord], produce: Producer, opts: ShardOptions,
+                 discard_other_plan: bool) -> Summary:
     t0 = time.time()
     out = opts.out
     out.mkdir(parents=True, exist_ok=True)
-    if opts.overwrite:
-        _clear_split(out, opts.split)
     ordered = order_records(records, opts.shuffle_seed)
     keys = assign_keys(ordered)
     fp = fingerprint(opts, keys, ordered)
@@ -282,6 +311,9 @@ def write_split(records: Sequence[VideoRecord], produce: Producer, opts: ShardOp
     plan = {"dataset": opts.dataset, "split": opts.split, "classes": opts.classes, "codec": opts.codec,
             "fingerprint": fp, "groups": len(groups), "records": len(ordered), "shard_size": opts.shard_size}
     old = _load_json(_plan_path(out, opts.split))
+    if old and old.get("fingerprint") != fp and discard_other_plan:
+        _clear_split(out, opts.split)  # an abandoned staging of other records or settings
+        old = None
     if old and old.get("fingerprint") != fp:
         raise RuntimeError(f"{out} already holds {opts.split!r} shards made from other records or settings "
                            f"(journal {_plan_path(out, opts.split)}); use another --out, or --overwrite to replace them")
@@ -312,7 +344,7 @@ def write_split(records: Sequence[VideoRecord], produce: Producer, opts: ShardOp
         reasons.update(r["reason"].split(":")[0] for r in entry["rejects"])
     summary.reject_reasons = dict(reasons)
     if all(group_done(out, opts.split, g, fp) for g, _ in groups):
-        summary.index = str(merge_index(out, opts.split).save(out))
+        summary.index = str(save_index(out, opts.split))
     summary.seconds = time.time() - t0
     return summary
 
@@ -355,6 +387,18 @@ def _run_tasks(todo: list[GroupTask], opts: ShardOptions, stop_after: int) -> li
 
 
 # ---------------------------------------------------------------------------------------- merge
+def save_index(out: str | os.PathLike, split: str) -> Path:
+    """Merge and save the split index; an `EmptySplitError` (no index written) if it holds no sample."""
+    index = merge_index(out, split)
+    if index.num_samples == 0:
+        rejects = Path(out) / REJECTS_NAME.format(split=split)
+        reasons = Counter(json.loads(line)["reason"].split(":")[0] for line in rejects.read_text().splitlines())
+        listed = ", ".join(f"{n} {reason}" for reason, n in reasons.most_common(5)) or "none"
+        raise EmptySplitError(f"split {split!r}: every input was rejected ({listed}; see {rejects}); no index "
+                              "written, nothing replaced")
+    return index.save(out)
+
+
 def merge_index(out: str | os.PathLike, split: str) -> SplitIndex:
     """Collect every group's journal entry into the split index and `{split}-rejects.jsonl`.
 

@@ -1,6 +1,7 @@
 """Helpers shared by the dataset parsers: locating annotation files and indexing video files."""
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,9 +68,19 @@ def missing(source_id: str, tried: str, **fields) -> VideoRecord:
 
 
 def load_classes_file(path: Path) -> list[str]:
+    """Class names from a file with one name per line, or from a split index (`OUT/train-index.json`)."""
     if not Path(path).is_file():
         raise AnnotationError(f"--classes {path} does not exist (expected one class name per line)")
-    names = [line.strip() for line in read_lines(Path(path)) if line.strip()]
+    if Path(path).suffix.lower() == ".json":
+        try:
+            names = json.loads(Path(path).read_text(encoding="utf-8"))["classes"]
+        except (ValueError, KeyError, TypeError):
+            raise AnnotationError(f"--classes {path}: a .json file must be a split index with a `classes` "
+                                  "list (e.g. OUT/train-index.json)") from None
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise AnnotationError(f"--classes {path}: `classes` is not a list of names")
+    else:
+        names = [line.strip() for line in read_lines(Path(path)) if line.strip()]
     if len(set(names)) != len(names):
         raise AnnotationError(f"--classes {path} lists a class twice")
     return names

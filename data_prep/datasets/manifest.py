@@ -5,16 +5,20 @@ is not given, to the manifest's folder), and any of `id`, `label`, `caption` / `
 (JSONL: a list; CSV: `|`-separated), `start`, `end` (seconds), `split`. Rows with a `split` field
 are kept only if it equals `--split`. Rows that repeat a path add their captions to it.
 Classes are the sorted label names, or the lines of `--classes FILE`.
+
+Rejected (listed in the rejects with the reason, counted): a time range that is not a number, starts
+before 0 or ends at or before its start (one that runs past the video is rejected when transcoding),
+and a video with neither a label nor a caption.
 """
 from __future__ import annotations
 
 import csv
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from data_prep.datasets.common import AnnotationError, ParseArgs, load_classes_file
-from data_prep.records import ParsedSplit, VideoRecord
+from data_prep.records import ParsedSplit, VideoRecord, time_range_problem
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
@@ -37,6 +41,17 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
         return rows
 
 
+def _seconds(row: dict[str, Any], name: str) -> tuple[Optional[float], str]:
+    """(value, problem) of an optional `start`/`end` field."""
+    value = row.get(name)
+    if value in (None, ""):
+        return None, ""
+    try:
+        return float(value), ""
+    except (TypeError, ValueError):
+        return None, f"bad time range: {name} {value!r} is not a number"
+
+
 def parse(args: ParseArgs) -> ParsedSplit:
     if args.annotations is None or not Path(args.annotations).is_file():
         raise AnnotationError(f"--annotations must be the manifest file (CSV with a header or JSONL with "
@@ -56,11 +71,14 @@ def parse(args: ParseArgs) -> ParsedSplit:
         rec = by_path.get(row["path"])
         if rec is None:
             src = base / row["path"]
+            (start, bad_start), (end, bad_end) = _seconds(row, "start"), _seconds(row, "end")
             rec = VideoRecord(source_id=str(row.get("id") or Path(row["path"]).with_suffix("").as_posix()),
                               label=str(row["label"]) if row.get("label") not in (None, "") else None,
-                              start=float(row["start"]) if row.get("start") not in (None, "") else None,
-                              end=float(row["end"]) if row.get("end") not in (None, "") else None)
-            if src.is_dir():
+                              start=start, end=end)
+            problem = bad_start or bad_end or time_range_problem(start, end)
+            if problem:
+                rec.missing_reason = problem
+            elif src.is_dir():
                 rec.frames_dir, rec.frame_rate = str(src), args.frames_fps
             elif src.is_file():
                 rec.path = str(src)
@@ -69,6 +87,9 @@ def parse(args: ParseArgs) -> ParsedSplit:
             by_path[row["path"]] = rec
         rec.captions.extend(caps)
     records = list(by_path.values())
+    for r in records:
+        if r.label is None and not r.captions and not r.missing_reason:
+            r.missing_reason = "no label and no caption in the manifest"
     labels = sorted({r.label for r in records if r.label is not None})
     classes = load_classes_file(args.classes_file) if args.classes_file else labels
     index = {c: i for i, c in enumerate(classes)}
@@ -77,4 +98,8 @@ def parse(args: ParseArgs) -> ParsedSplit:
             if r.label not in index:
                 raise AnnotationError(f"{path}: label {r.label!r} of {r.source_id} is not in --classes {args.classes_file}")
             r.label_index = index[r.label]
-    return ParsedSplit("manifest", args.split, classes, records)
+    warnings = []
+    if labels and args.classes_file is None:
+        warnings.append(f"--classes not given: the class list is the {len(labels)} sorted labels of split "
+                        f"{args.split!r}; pass the same --classes FILE to every split so class indices agree")
+    return ParsedSplit("manifest", args.split, classes, records, warnings)
