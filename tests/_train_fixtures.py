@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -10,13 +12,14 @@ from s4v.train.dist import free_port
 from tests._video_fixtures import Spec, write_split
 
 NUM_CLASSES = 6
+CLASSES = [f"c{i}" for i in range(NUM_CLASSES)]  # the class list of the tiny splits' indices
 
 
 def write_tiny_shards(root: Path) -> Path:
     """24 training clips (4 shards x 6, 12 frames, 32x32) and 8 val clips, labels in range."""
     for split, n_shards, per in (("train", 4, 6), ("val", 2, 4)):
         write_split(root, split, [[Spec(f"{split}{s}_{i}", 12, (s * per + i) % NUM_CLASSES, height=32, width=32)
-                                   for i in range(per)] for s in range(n_shards)])
+                                   for i in range(per)] for s in range(n_shards)], classes=CLASSES)
     return root
 
 
@@ -52,3 +55,15 @@ def result_json(stdout: str) -> dict:
     """The last `RESULT_JSON {...}` line that s4v train / eval print."""
     line = [x for x in stdout.splitlines() if x.startswith("RESULT_JSON ")][-1]
     return json.loads(line[len("RESULT_JSON "):])
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_train(args, nproc=1, timeout=300) -> dict:
+    """`s4v train ARGS` on `nproc` ranks (CPU, gloo); asserts success and returns its RESULT_JSON."""
+    env = dict(os.environ, DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    proc = subprocess.run(python_cmd(nproc, "-m", "s4v.train", *args), cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return result_json(proc.stdout)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests._train_fixtures import (NUM_CLASSES, losses, python_cmd, result_json, tiny_overrides,
+from tests._train_fixtures import (NUM_CLASSES, losses, run_train, tiny_overrides,
                                    write_tiny_shards)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -20,15 +20,6 @@ def shards(tmp_path_factory):
 
 
 overrides = tiny_overrides
-
-
-def run_train(args, nproc=1, timeout=300):
-    env = dict(os.environ, DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
-               PYTHONPATH=str(REPO))
-    proc = subprocess.run(python_cmd(nproc, "-m", "s4v.train", *args), cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return result_json(proc.stdout)
 
 
 @pytest.mark.slow

@@ -20,7 +20,10 @@ from typing import Iterator
 from s4v.data.augment import num_views
 from s4v.data.config import DataConfig
 from s4v.data.format import INDEX_NAME, SplitIndex
-from s4v.data.shards import LoaderPosition, ShardTable, batches_per_epoch, check_shard_count, epoch_batches
+import numpy as np
+
+from s4v.data.shards import (LoaderPosition, ShardTable, batches_per_epoch, check_shard_count, elastic_epoch_batches,
+                            epoch_batches)
 
 log = logging.getLogger("s4v.data")
 
@@ -56,10 +59,16 @@ class Loader:
         """Model inputs per batch: batch_size * repeated_aug (train) or batch_size * views (eval)."""
         return self.cfg.batch_size * num_views(self.cfg, self.train)
 
+    @property
+    def batches_in_epoch(self) -> int:
+        """Batches of the current epoch on this rank: len(self), or fewer in an epoch re-dealt after an
+        elastic resume."""
+        return len(self.epoch_plan()) if self.pos.segments else len(self)
+
     def set_epoch(self, epoch: int) -> None:
         """Move to the start of `epoch`, unless the position is already inside it (resume)."""
         if epoch != self.pos.epoch:
-            self.pos.epoch, self.pos.batch = epoch, 0
+            self.pos.epoch, self.pos.batch, self.pos.segments = epoch, 0, ()
 
     def state_dict(self) -> dict:
         return self.pos.state_dict()
@@ -67,11 +76,40 @@ class Loader:
     def load_state_dict(self, state: dict) -> None:
         self.pos.check_compatible(state)
         self.pos.epoch, self.pos.batch = int(state["epoch"]), int(state["batch"])
+        self.pos.segments = tuple(state.get("segments", ()))
+
+    def resume_from(self, states: list[dict]) -> None:
+        """Continue where the ranks that saved `states` (one per rank, any world size) stopped: the same
+        position on the same world size; else the untrained rest of the epoch dealt over these ranks."""
+        if len(states) == self.world_size and states[self.rank].get("batch_size") == self.cfg.batch_size:
+            return self.load_state_dict(states[self.rank])
+        if not self.train:
+            raise ValueError("only a training loader resumes on another world size")
+        for state in states:
+            self.pos.check_compatible(state, elastic=True)
+        epochs = {int(s["epoch"]) for s in states}
+        if len(epochs) != 1:
+            raise ValueError(f"the saved ranks stopped in different epochs {sorted(epochs)}")
+        first = states[0]
+        segment = {"world_size": len(states), "batch_size": int(first["batch_size"]),
+                   "done": [int(s["batch"]) for s in states]}
+        self.pos.epoch, self.pos.batch = epochs.pop(), 0
+        self.pos.segments = (tuple(first.get("segments", ())) + (segment,)) if any(segment["done"]) else ()
+        if self.pos.segments:
+            log.info("data: epoch %d re-dealt over %d ranks: %d batches of %d per rank left", self.pos.epoch,
+                     self.world_size, self.batches_in_epoch, self.cfg.batch_size)
+
+    def epoch_plan(self) -> np.ndarray:
+        """[batches, batch_size] sample ids of this rank's current epoch."""
+        if self.train:
+            return elastic_epoch_batches(self.table, self.cfg.seed, self.pos.epoch, self.world_size, self.rank,
+                                         self.cfg.batch_size, self.cfg.shuffle_buffer, self.pos.segments)
+        return epoch_batches(self.table, self.cfg.seed, self.pos.epoch, self.world_size, self.rank,
+                             self.cfg.batch_size, False, self.cfg.shuffle_buffer)
 
     def __iter__(self) -> Iterator[dict]:
         epoch, start = self.pos.epoch, self.pos.batch
-        batches = epoch_batches(self.table, self.cfg.seed, epoch, self.world_size, self.rank, self.cfg.batch_size,
-                                self.train, self.cfg.shuffle_buffer)
+        batches = self.epoch_plan()
         if start < len(batches):
             expect = start
             for batch in self.engine.iter_batches(batches, start, epoch):
@@ -86,7 +124,7 @@ class Loader:
                 yield batch
             if expect != len(batches):
                 raise RuntimeError(f"loader stopped after batch {expect} of {len(batches)}")
-        self.pos.epoch, self.pos.batch = epoch + 1, 0
+        self.pos.epoch, self.pos.batch, self.pos.segments = epoch + 1, 0, ()
 
 
 def check_shards_exist(root: str, split: str, names) -> None:

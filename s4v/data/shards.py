@@ -20,7 +20,9 @@ valid samples over all ranks are exactly the split, once.
 
 Resume: batch contents do not depend on the worker count, so the position is just
 (epoch, next batch index): `LoaderPosition`. A rank that consumed b batches has consumed exactly
-the samples of batches [0, b).
+the samples of batches [0, b). On another world size (elastic resume) the samples of the epoch that no
+rank has trained are dealt anew over the new ranks (`elastic_epoch_batches`): the epoch goes on with no
+sample twice and none skipped beyond the whole-batch remainder.
 """
 from __future__ import annotations
 
@@ -115,6 +117,42 @@ def epoch_batches(table: ShardTable, seed: int, epoch: int, world_size: int, ran
     return out.reshape(nb, batch_size)
 
 
+def deal(seq: np.ndarray, world_size: int, rank: int, batch_size: int) -> np.ndarray:
+    """[num_batches, batch_size]: `rank`'s contiguous share of `seq`, cut into whole batches. Every rank
+    gets the same number of batches (the shortest share's); the rest is left out."""
+    n = len(seq)
+    nb = (n // world_size) // batch_size
+    lo = rank * n // world_size
+    return seq[lo:lo + nb * batch_size].reshape(nb, batch_size)
+
+
+def untrained_after(table: ShardTable, seed: int, epoch: int, window: int, segments: Sequence[dict]) -> np.ndarray:
+    """The samples of training epoch `epoch` that no rank has trained yet, after the run went through
+    `segments` of the epoch on different world sizes: each segment is {"world_size", "batch_size", "done"},
+    `done[r]` the batches rank r had consumed when that world stopped. Batch-major order (batch j of
+    every rank, then j + 1), so a re-dealt remainder keeps the epoch's shuffle."""
+    seq = None
+    for seg in segments:
+        w, b, done = int(seg["world_size"]), int(seg["batch_size"]), [int(x) for x in seg["done"]]
+        if len(done) != w:
+            raise ValueError(f"elastic segment of {w} ranks lists {len(done)} positions")
+        plans = ([epoch_batches(table, seed, epoch, w, r, b, True, window) for r in range(w)] if seq is None
+                 else [deal(seq, w, r, b) for r in range(w)])
+        rest = [plan[d:] for plan, d in zip(plans, done)]
+        depth = max((len(x) for x in rest), default=0)
+        seq = np.array([i for j in range(depth) for x in rest if j < len(x) for i in x[j]], np.int64)
+    return seq if seq is not None else np.zeros(0, np.int64)
+
+
+def elastic_epoch_batches(table: ShardTable, seed: int, epoch: int, world_size: int, rank: int, batch_size: int,
+                          window: int, segments: Sequence[dict]) -> np.ndarray:
+    """This rank's training batches of `epoch`: the plan of `epoch_batches`, or, in an epoch resumed on
+    another world size (`segments` non-empty), its share of the samples not trained yet."""
+    if not segments:
+        return epoch_batches(table, seed, epoch, world_size, rank, batch_size, True, window)
+    return deal(untrained_after(table, seed, epoch, window, segments), world_size, rank, batch_size)
+
+
 def worker_batches(num_batches: int, start: int, worker: int, num_workers: int) -> range:
     """Batch indices that `worker` of `num_workers` produces when an epoch resumes at `start`.
 
@@ -139,15 +177,21 @@ class LoaderPosition:
     train: bool = True
     shuffle_buffer: int = 1
     shards: Sequence[str] = ()
+    # this epoch's earlier parts on other world sizes (see `untrained_after`); empty in a normal epoch
+    segments: Sequence[dict] = ()
 
     def state_dict(self) -> dict:
         d = asdict(self)
         d["shards"] = list(self.shards)
+        d["segments"] = [dict(x) for x in self.segments]
         return d
 
-    def check_compatible(self, other: dict) -> None:
+    def check_compatible(self, other: dict, elastic: bool = False) -> None:
+        """Raise unless `other` (a saved position) belongs to the same plan; `elastic`: of the same data
+        and seed, on any world size and batch size."""
         mine = self.state_dict()
-        diff = {k: (other.get(k), mine[k]) for k in mine if k not in ("epoch", "batch") and other.get(k) != mine[k]}
+        free = {"epoch", "batch", "segments"} | ({"world_size", "rank", "batch_size"} if elastic else set())
+        diff = {k: (other.get(k), mine[k]) for k in mine if k not in free and other.get(k) != mine[k]}
         if diff:
             raise ValueError(f"loader state does not match this loader (saved, current): {diff}; the data "
                              f"position can only be restored with the same shards, seed, world size, rank and batch size")

@@ -95,6 +95,14 @@ def all_reduce_max(value: float) -> float:
     return float(t.item())
 
 
+def all_reduce_sum_(flags: torch.Tensor) -> torch.Tensor:
+    """Sum a small tensor over ranks in place (one collective; it must be on the device the backend
+    uses) and return it."""
+    if dist.is_initialized():
+        dist.all_reduce(flags, op=dist.ReduceOp.SUM)
+    return flags
+
+
 def all_gather_object(obj):
     if not dist.is_initialized():
         return [obj]
@@ -125,6 +133,11 @@ class PreemptionFlag:
         log.warning("received signal %s: will checkpoint and stop at the next step", signal.Signals(signum).name)
         self.signum = signum
         _SIGNALS_RECEIVED.add(signum)
+
+    @property
+    def local(self) -> bool:
+        """This process got the signal (the loop sums this over ranks with its other per-step flags)."""
+        return self.signum is not None
 
     def agreed(self) -> bool:
         """True on every rank as soon as any rank got the signal."""

@@ -8,13 +8,14 @@ exactly where the interrupted one stopped.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import random
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -23,11 +24,12 @@ from tqdm import tqdm
 from s4v.data.loader import build_loader
 from s4v.experiment import ExperimentConfig
 from s4v.train import checkpoint
-from s4v.train.dist import (PreemptionFlag, all_reduce_max, barrier, broadcast_object,
-                            init_distributed, requeue_slurm_job)
+from s4v.train.dist import (PreemptionFlag, all_reduce_sum_, barrier, broadcast_object, init_distributed,
+                            requeue_slurm_job)
 from s4v.train.engine import warmup_cosine
-from s4v.train.metrics import Meter, MetricLogger, memory_stats
-from s4v.train.preflight import experiment_ds_config, job_world_size, preflight, with_label_range
+from s4v.train.lineage import SampleLineage
+from s4v.train.metrics import MetricLogger, memory_stats
+from s4v.train.preflight import batch_plan, experiment_ds_config, job_world_size, preflight, with_label_range
 from s4v.train.run_dir import default_run_name, write_run_description
 from s4v.train.tasks import make_task
 
@@ -60,6 +62,12 @@ def setup_logging(run_dir: Optional[Path], rank: int) -> None:
                         handlers=handlers)
 
 
+class StepOutcome(NamedTuple):
+    applied: bool  # DeepSpeed updated the weights
+    nonfinite: int  # micro-batches of the window with a NaN/inf loss, summed over ranks
+    preempt: bool  # some rank got a preemption signal
+
+
 class Trainer:
     def __init__(self, cfg: ExperimentConfig, argv: list[str]):
         preflight(cfg, job_world_size())
@@ -87,24 +95,33 @@ class Trainer:
         d = cfg.data
         self.train_loader = build_loader(d, d.train_split, train=True, rank=info.rank,
                                          world_size=info.world_size, epoch=0, device=info.device.type)
-        self.steps_per_epoch = len(self.train_loader) // cfg.train.grad_accum
+        self.plan = batch_plan(cfg, info.world_size)
+        self.steps_per_epoch = len(self.train_loader) // self.plan.grad_accum
         if self.steps_per_epoch < 1:
-            raise ValueError(f"an epoch has {len(self.train_loader)} batches per rank, fewer than "
-                             f"train.grad_accum={cfg.train.grad_accum}; use more data or smaller batches")
-        total = cfg.train.epochs * self.steps_per_epoch
+            raise ValueError(f"an epoch has {len(self.train_loader)} batches per rank, fewer than the "
+                             f"{self.plan.grad_accum} micro-batches of an optimizer step")
+        dropped = len(self.train_loader) % self.plan.grad_accum
+        log.info("%s; %d optimizer steps per epoch%s", self.plan.describe(), self.steps_per_epoch,
+                 f" (the last {dropped} micro-batches of each epoch's {len(self.train_loader)} are left out)"
+                 if dropped else "")
+        self.max_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
         warmup = round(cfg.optim.warmup_epochs * self.steps_per_epoch)
-        ds_config = experiment_ds_config(cfg, self.train_loader.clips_per_batch, cfg.train.grad_accum,
+        ds_config = experiment_ds_config(cfg, self.train_loader.clips_per_batch, self.plan.grad_accum,
                                          info.world_size, info.device.type)
         self.engine, self.optimizer, self.scheduler = self.task.initialize(
-            self, ds_config, warmup_cosine(total, warmup, cfg.optim.min_lr_ratio,
+            self, ds_config, warmup_cosine(cfg.train.epochs * self.steps_per_epoch, warmup, cfg.optim.min_lr_ratio,
                                            global_progress=cfg.optim.schedule == "cosine_global"))
         if info.is_main:
-            write_run_description(self.run_dir, cfg, ds_config, argv)
+            write_run_description(self.run_dir, cfg, ds_config, argv, batch=self.plan)
         self.logger = MetricLogger(self.run_dir, enabled=info.is_main)
+        self.lineage = SampleLineage(self.run_dir, info.rank) if cfg.train.log_samples else None
         self.epoch, self.step, self.best_top1 = 0, 0, float("nan")
         self.nonfinite_in_a_row = self.nonfinite_total = 0
         self.samples_seen = 0  # training samples delivered by this process (for the skip check)
         self.preempt = PreemptionFlag()
+        self.saved_state: Optional[tuple] = None  # (epoch, step, data position) of the last checkpoint
+        self.loss_sum = torch.zeros((), device=info.device)  # finite micro-batch losses since the last log
+        self.loss_count = torch.zeros((), device=info.device)
 
     # ----------------------------------------------------------------------------------------- steps
     def check_skipped(self, batch: dict) -> None:
@@ -121,59 +138,104 @@ class Trainer:
                 f"{skipped} of {self.samples_seen + skipped} training samples could not be read "
                 f"(more than train.max_skip_fraction={limit}); first reasons: {reasons}")
 
-    def train_step(self, batch: dict) -> Optional[float]:
-        """One micro-batch: forward, loss, backward, (boundary) optimizer step. None if skipped."""
+    def micro_step(self, batch: dict, last: bool) -> torch.Tensor:
+        """Forward and backward of one micro-batch; DeepSpeed applies the update after the window's last.
+        Returns whether the loss was finite, as a device tensor (no host sync)."""
         self.check_skipped(batch)
+        if self.engine.is_gradient_accumulation_boundary() != last:  # the windows must stay aligned
+            raise RuntimeError(f"DeepSpeed's accumulation boundary is out of step with the loop at step {self.step}")
         loss = self.task.loss(self, batch)
-        if all_reduce_max(0.0 if torch.isfinite(loss).item() else 1.0) > 0:  # all ranks skip together
+        finite = torch.isfinite(loss.detach())
+        self.loss_sum += torch.where(finite, loss.detach().float(), 0.0)
+        self.loss_count += finite
+        # A non-finite loss makes every gradient of the window non-finite, so DeepSpeed's overflow check
+        # (the global gradient norm, on every ZeRO stage) skips the whole window's update on every rank.
+        self.engine.backward(loss * torch.where(finite, 1.0, math.nan))
+        self.engine.step()
+        return finite
+
+    def train_step(self, batches: Iterator[dict]) -> StepOutcome:
+        """One optimizer step: `grad_accum` micro-batches, then one all-reduce of the step's flags
+        (non-finite losses, preemption): the step's only collective outside DeepSpeed's own."""
+        accum, device = self.plan.grad_accum, self.info.device
+        nonfinite = torch.zeros((), device=device)
+        window_keys = []
+        for micro in range(accum):
+            tick = time.perf_counter()
+            batch = next(batches)
+            self.data_wait += time.perf_counter() - tick
+            if self.lineage:
+                self.lineage.write(self.epoch, self.step + 1, micro, batch)
+            window_keys.extend(list(batch.get("key", []))[:2])
+            nonfinite += ~self.micro_step(batch, last=micro == accum - 1)
+        local_flags = torch.stack([nonfinite.float(), torch.tensor(float(self.preempt.local), device=device)])
+        nonfinite_all, preempt = all_reduce_sum_(local_flags).tolist()
+        applied = bool(self.engine.was_step_applied())
+        if nonfinite_all and applied:
+            raise RuntimeError("DeepSpeed applied an update after a non-finite loss; use a ZeRO config (stage 1-3)")
+        if nonfinite_all:
             self.nonfinite_in_a_row += 1
             self.nonfinite_total += 1
-            log.warning("non-finite loss at step %d (keys %s); step skipped (%d in a row)", self.step,
-                        list(batch.get("key", []))[:4], self.nonfinite_in_a_row)
+            log.warning("non-finite loss in %d micro-batch(es) before step %d (keys %s); update skipped (%d in a row)",
+                        nonfinite_all, self.step + 1, window_keys[:4], self.nonfinite_in_a_row)
             if self.nonfinite_in_a_row >= self.cfg.train.max_nonfinite_steps:
                 raise NonFiniteLossError(
                     f"{self.nonfinite_in_a_row} consecutive non-finite losses at step {self.step}; stopping. "
                     f"The last good checkpoint is in {self.ckpt_dir} (lower optim.lr, or check the data).")
-            return None
-        self.nonfinite_in_a_row = 0
-        self.engine.backward(loss)
-        self.engine.step()
-        return loss.item()
+        elif applied:
+            self.nonfinite_in_a_row = 0
+        if applied:
+            self.step += 1
+        return StepOutcome(applied, int(nonfinite_all), preempt > 0)
 
     # ------------------------------------------------------------------------------------ checkpoints
+    def state_key(self) -> tuple:
+        pos = self.train_loader.state_dict()
+        return self.epoch, self.step, pos["epoch"], pos["batch"]
+
     def save(self) -> None:
+        if self.saved_state == self.state_key():  # this exact state is already on disk
+            return
         client = {"epoch": self.epoch, "step": self.step, "best_top1": self.best_top1,
-                  "nonfinite_total": self.nonfinite_total}
+                  "nonfinite_total": self.nonfinite_total, "global_batch": self.plan.global_batch,
+                  "ds_optimizer_steps": ds_optimizer_steps(self.engine)}
         rank_state = {"loader": self.train_loader.state_dict(), "rng": checkpoint.rng_state()}
-        try:
-            tag = checkpoint.save(self.engine, self.ckpt_dir, self.step, client, rank_state,
-                                  self.cfg.train.keep_checkpoints)
-        except OSError as err:  # full disk, quota, permissions: keep the last good checkpoint
-            previous = checkpoint.latest_tag(self.ckpt_dir)
-            raise checkpoint.CheckpointError(
-                f"could not write checkpoint {checkpoint.tag_for(self.step)} in {self.ckpt_dir}: {err}. "
-                f"The previous checkpoint ({previous or 'none'}) is intact; free space and resume.") from err
+        if self.lineage:
+            rank_state["lineage_bytes"] = self.lineage.flush()
+        tag = checkpoint.save(self.engine, self.ckpt_dir, self.step, client, rank_state,
+                              self.cfg.train.keep_checkpoints)
+        self.saved_state = self.state_key()
         log.info("saved checkpoint %s", self.ckpt_dir / tag)
 
     def maybe_resume(self) -> None:
         mode = self.cfg.train.resume
         if mode == "none":
             return
-        ckpt_dir, tag = self.ckpt_dir, None
-        if mode != "auto":
-            path = Path(mode)
-            if not path.is_dir():
-                raise FileNotFoundError(f"train.resume: no checkpoint folder {path}")
-            ckpt_dir, tag = path.parent, path.name
+        ckpt_dir, tag = checkpoint.resolve_resume(self.ckpt_dir if mode == "auto" else Path(mode))
         loaded = checkpoint.load(self.engine, ckpt_dir, tag)
         if loaded is None:
             return
-        client, mine = loaded
+        client, rank_states = loaded
+        saved_global = client.get("global_batch")
+        if saved_global is not None and saved_global != self.plan.global_batch:
+            raise ValueError(f"the checkpoint was trained with a global batch of {saved_global} samples, this run "
+                             f"gives {self.plan.global_batch} ({self.plan.describe()}); set "
+                             f"train.global_batch_size={saved_global} to continue the same optimisation")
         self.epoch, self.step = client["epoch"], client["step"]
         self.best_top1 = client.get("best_top1", float("nan"))
         self.nonfinite_total = client.get("nonfinite_total", 0)
-        self.train_loader.load_state_dict(mine["loader"])
-        checkpoint.set_rng_state(mine["rng"])
+        self.train_loader.resume_from([r["loader"] for r in rank_states])
+        if len(rank_states) == self.info.world_size:
+            checkpoint.set_rng_state(rank_states[self.info.rank]["rng"])
+        else:  # a new world: each rank's RNG starts from the seed, the step and its rank
+            seed_everything(self.cfg.train.seed + self.step * 1009 + self.info.rank)
+            log.warning("resumed on %d ranks from a checkpoint of %d ranks: the rest of epoch %d is re-dealt "
+                        "over the new ranks", self.info.world_size, len(rank_states), self.epoch)
+        if self.lineage:
+            self.lineage.rewind([r.get("lineage_bytes") for r in rank_states], self.info.world_size)
+        if hasattr(self.logger, "rewind"):
+            self.logger.rewind(self.step)
+        self.saved_state = self.state_key()
         log.info("resumed from %s at epoch %d, step %d", ckpt_dir, self.epoch, self.step)
 
     # ------------------------------------------------------------------------------------- evaluation
@@ -183,55 +245,27 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ loop
     def fit(self) -> dict:
-        cfg, info = self.cfg, self.info
+        cfg = self.cfg
         self.maybe_resume()
-        max_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
-        loss_meter, data_meter, step_meter = Meter(), Meter(), Meter()
         status = "finished"
-        while self.epoch < cfg.train.epochs and self.step < max_steps:
-            self.train_loader.set_epoch(self.epoch)  # keeps a restored mid-epoch position
-            bar = tqdm(total=self.steps_per_epoch, initial=self.train_loader.batches_done // cfg.train.grad_accum,
-                       desc=f"epoch {self.epoch}", disable=not info.is_main, dynamic_ncols=True)
-            tick = time.perf_counter()
-            for batch in self.train_loader:
-                data_meter.update(time.perf_counter() - tick)
-                loss = self.train_step(batch)
-                if loss is not None:
-                    loss_meter.update(loss)
-                step_meter.update(time.perf_counter() - tick)
-                if not self.engine.is_gradient_accumulation_boundary() and loss is not None:
-                    tick = time.perf_counter()
-                    continue
-                self.step += 1
-                bar.update(1)
-                if self.step % cfg.train.log_every_steps == 0:
-                    self.log_train(loss_meter, data_meter, step_meter, batch["video"].shape[0])
-                    bar.set_postfix(loss=f"{loss_meter.mean or float('nan'):.4f}")
-                    loss_meter.reset(), data_meter.reset(), step_meter.reset()
-                if cfg.train.ckpt_every_steps and self.step % cfg.train.ckpt_every_steps == 0:
-                    self.save()
-                if self.preempt.agreed():
-                    self.save()
-                    status = "preempted"
-                    break
-                if self.step >= max_steps:
-                    break
-                tick = time.perf_counter()
-            bar.close()
-            if status == "preempted":
+        while self.epoch < cfg.train.epochs and self.step < self.max_steps:
+            status = self.train_epoch()
+            if status != "epoch_end":
                 break
-            loader = self.train_loader
-            if loader.epoch > self.epoch or loader.batches_done >= len(loader):  # epoch complete
-                self.epoch += 1
-                if cfg.eval.every_epochs and self.epoch % cfg.eval.every_epochs == 0:
-                    report = self.evaluate(full_views=cfg.eval.during_training_views == "full")
-                    self.best_top1 = max(report[self.task.metric],  # top1, or T2V R@1 for retrieval
-                                         self.best_top1 if not math.isnan(self.best_top1) else -1.0)
+            self.epoch += 1
+            self.train_loader.set_epoch(self.epoch)
+            if cfg.eval.every_epochs and self.epoch % cfg.eval.every_epochs == 0:
+                report = self.evaluate(full_views=cfg.eval.during_training_views == "full")
+                self.best_top1 = max(report[self.task.metric],  # top1, or T2V R@1 for retrieval
+                                     self.best_top1 if not math.isnan(self.best_top1) else -1.0)
             self.save()
+        status = "preempted" if status == "preempted" else "finished"
+        self.save()
         result = {"status": status, "epoch": self.epoch, "step": self.step, "run_dir": str(self.run_dir),
-                  "skipped_samples": self.train_loader.skipped, "nonfinite_steps": self.nonfinite_total}
+                  "skipped_samples": self.train_loader.skipped, "nonfinite_steps": self.nonfinite_total,
+                  "ds_optimizer_steps": ds_optimizer_steps(self.engine), **dataclasses.asdict(self.plan)}
         if status == "preempted":
-            if info.is_main:
+            if self.info.is_main:
                 requeue_slurm_job()
             return result
         if cfg.eval.at_end:
@@ -242,15 +276,50 @@ class Trainer:
         self.logger.flush()
         return result
 
-    def log_train(self, loss: Meter, data: Meter, step: Meter, clips: int) -> None:
-        values = {"train/loss": loss.mean, "train/lr": self.scheduler.get_last_lr()[0],
-                  "train/grad_norm": _grad_norm(self.engine), "perf/data_wait_s": data.mean,
-                  "perf/step_s": step.mean,
-                  "perf/clips_per_s": clips * self.info.world_size / step.mean if step.mean else None,
+    def train_epoch(self) -> str:
+        """The optimizer steps left in this epoch. Returns "epoch_end", "preempted" or "max_steps"."""
+        cfg, loader, accum = self.cfg, self.train_loader, self.plan.grad_accum
+        loader.set_epoch(self.epoch)  # keeps a restored mid-epoch position
+        steps_left = (loader.batches_in_epoch - loader.batches_done) // accum
+        bar = tqdm(total=loader.batches_in_epoch // accum, initial=loader.batches_done // accum,
+                   desc=f"epoch {self.epoch}", disable=not self.info.is_main, dynamic_ncols=True)
+        batches = iter(loader)
+        self.data_wait, tick, steps_timed = 0.0, time.perf_counter(), 0
+        try:
+            for _ in range(steps_left):
+                outcome = self.train_step(batches)
+                steps_timed += 1
+                bar.update(1)
+                if outcome.applied and self.step % cfg.train.log_every_steps == 0:
+                    self.log_train(time.perf_counter() - tick, steps_timed)
+                    bar.set_postfix(loss=f"{self.last_loss:.4f}")
+                    self.data_wait, tick, steps_timed = 0.0, time.perf_counter(), 0
+                if outcome.applied and cfg.train.ckpt_every_steps and self.step % cfg.train.ckpt_every_steps == 0:
+                    self.save()
+                if outcome.preempt:
+                    self.save()
+                    return "preempted"
+                if self.step >= self.max_steps:
+                    return "max_steps"
+        finally:
+            bar.close()
+            close = getattr(batches, "close", None)
+            if close:
+                close()  # an epoch left before its end (or its leftover micro-batches) stops its readers
+        return "epoch_end"
+
+    def log_train(self, elapsed: float, steps: int) -> None:
+        """Log the steps since the last log: the mean loss (the one host read of it), timings, counters."""
+        self.last_loss = (self.loss_sum / self.loss_count.clamp_min(1)).item() if self.loss_count.item() else math.nan
+        self.loss_sum.zero_(), self.loss_count.zero_()
+        clips = self.train_loader.clips_per_batch * self.plan.grad_accum * self.info.world_size * steps
+        values = {"train/loss": self.last_loss, "train/lr": self.scheduler.get_last_lr()[0],
+                  "train/grad_norm": _grad_norm(self.engine), "perf/data_wait_s": self.data_wait / steps,
+                  "perf/step_s": elapsed / steps, "perf/clips_per_s": clips / elapsed if elapsed else None,
                   "train/skipped_samples": self.train_loader.skipped,
                   "train/nonfinite_steps": self.nonfinite_total, "train/epoch": self.epoch}
         if getattr(self.engine, "skipped_steps", None) is not None:
-            values["train/overflow_steps"] = self.engine.skipped_steps
+            values["train/overflow_steps"] = self.engine.skipped_steps - self.nonfinite_total
         values.update(memory_stats(self.info.device))
         self.logger.log(self.step, values)
 
@@ -258,6 +327,13 @@ class Trainer:
         """The trained model without the frozen tower (fp32 master weights), for release; rank 0 writes
         `model_side_head.pt`. Loading it needs the tower's weights file too (unless the tower was random)."""
         return self.task.export(self)
+
+
+def ds_optimizer_steps(engine) -> Optional[int]:
+    """Updates DeepSpeed applied: its step count less the steps it skipped (overflow, non-finite)."""
+    if not hasattr(engine, "global_steps"):
+        return None
+    return int(engine.global_steps) - int(getattr(engine, "skipped_steps", 0) or 0)
 
 
 def _grad_norm(engine) -> Optional[float]:
