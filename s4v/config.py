@@ -201,14 +201,46 @@ def _validate(obj: Any) -> None:
 # ----------------------------------------------------------------------------- sources
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one silently,
+    so a second `model:` block would replace the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, typing.Hashable) and key in seen:
+                raise ConfigError(f"{self.name}: duplicate key {key!r} on line {line} (first on line "
+                                  f"{seen[key]}); merge the two blocks")
+            if isinstance(key, typing.Hashable):
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_yaml(path: str | Path) -> Mapping[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as e:
+        raw = p.read_bytes()
+    except OSError as e:
         raise ConfigError(f"cannot read config file {p}: {e}") from e
+    try:
+        if b"\0" in raw:
+            raise UnicodeDecodeError("utf-8", raw, raw.index(b"\0"), raw.index(b"\0") + 1, "NUL byte")
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {p} is not a YAML text file (binary content at byte {e.start}); "
+                          "pass the experiment's .yaml file") from e
+    loader = _UniqueKeyLoader(text)
+    loader.name = str(p)
+    try:
+        data = loader.get_single_data()
+    except yaml.YAMLError as e:
+        raise ConfigError(f"cannot read config file {p}: {e}") from e
+    finally:
+        loader.dispose()
     if data is None:  # empty file
         return {}
     if not isinstance(data, Mapping):

@@ -1,8 +1,8 @@
 """Multi-view recognition evaluation, distributed over ranks with exact de-duplication.
 
 A batch holds `video` `[B, V, T, 3, H, W]` (V = spatial crops x temporal clips) or `[B, T, 3, H, W]`,
-`label` `[B]`, `key` (sample keys) and `valid` (False for padding and failed samples). Softmax scores are averaged over views (official test
-protocol). Ranks may see padded duplicates at the end of an epoch; results are gathered by key, so
+`label` `[B]`, `key` (sample keys) and `valid` (False for padding and failed samples). Softmax scores
+are averaged over views (official test protocol); the videos that failed are counted and listed. Ranks may see padded duplicates at the end of an epoch; results are gathered by key, so
 every sample counts exactly once.
 """
 from __future__ import annotations
@@ -13,6 +13,7 @@ import torch
 from tqdm import tqdm
 
 from s4v.eval.metrics import accuracy_report
+from s4v.eval.skips import EvalSkipError, SkipCounter, describe_unreadable, gather_unreadable, skip_fields
 from s4v.train.dist import all_gather_object
 
 
@@ -49,9 +50,15 @@ def gather_predictions(local: dict[str, tuple[torch.Tensor, int]]) -> tuple[torc
 
 def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], batches: Iterable[dict], num_classes: int,
              device: torch.device, progress: bool = False) -> dict:
+    """Accuracy report over every rank's batches, with the count and first keys of the videos that could
+    not be read (s4v.eval.skips: `num_samples`, `num_evaluated`, `num_unreadable`, `unreadable`)."""
+    skips = SkipCounter(batches)
     scores, labels, keys = gather_predictions(predict(forward, batches, device, progress))
+    unreadable = gather_unreadable(skips.local(), keys)
     if not keys:
-        raise RuntimeError("evaluation saw no samples: is the validation split empty?")
+        raise EvalSkipError("evaluation saw no readable samples: is the validation split empty?"
+                            + (f" Unreadable: {describe_unreadable(skip_fields(0, unreadable))}" if unreadable else ""))
     report = accuracy_report(scores, labels, num_classes)
+    report.update(skip_fields(len(keys), unreadable))
     report["keys"] = keys
     return report

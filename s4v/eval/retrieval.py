@@ -1,4 +1,4 @@
-"""Text-video retrieval metrics (spec section 7) and the distributed retrieval evaluation.
+"""Text-video retrieval metrics and the distributed retrieval evaluation.
 
 `retrieval_metrics(sim, text_to_video)` is a pure function of a `[num_texts, num_videos]` similarity
 matrix:
@@ -177,11 +177,15 @@ def evaluate_retrieval(encode_video: Callable, encode_texts: Callable, batches: 
                        device: torch.device, progress: bool = False, ties: Ties = "pessimistic",
                        block: int = 256) -> dict:
     """Embed this rank's videos and their captions, gather every rank's, score the texts in blocks
-    (text rows split over the ranks), and compute `retrieval_metrics`. Every rank returns the report."""
+    (text rows split over the ranks), and compute `retrieval_metrics` with the count and first keys of
+    the videos that could not be read (s4v.eval.skips). Every rank returns the report."""
+    from s4v.eval.skips import SkipCounter, gather_unreadable, skip_fields
     from s4v.model.wti import score_in_blocks
     from s4v.train.dist import all_gather_object
 
+    skips = SkipCounter(batches)
     parts = all_gather_object(embed_split(encode_video, encode_texts, batches, captions, device, progress))
+    unreadable = gather_unreadable(skips.local(), [k for part in parts for k in part])
     keys, video, text, owner = assemble(parts)
     world = len(parts)
     rank = dist.get_rank() if world > 1 else 0
@@ -192,5 +196,6 @@ def evaluate_retrieval(encode_video: Callable, encode_texts: Callable, batches: 
     for r, part in enumerate(all_gather_object(mine) if world > 1 else [mine]):
         sim[r::world] = part
     report = retrieval_metrics(sim, owner, ties)
+    report.update(skip_fields(len(keys), unreadable))
     report["keys"] = keys
     return report

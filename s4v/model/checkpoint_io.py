@@ -17,43 +17,52 @@ from .backbone import assign_state_dict
 from .classifier import Side4VideoClassifier
 from .factory import build_model
 from .specs import BackboneSpec, ModelSpec, SideSpec
+from .weights_file import WeightsFileError, load_torch_file
 
 FORMAT = "s4v-model"
 VERSION = 1
 
 
-def save_model(model: Side4VideoClassifier, path: str | os.PathLike, include_backbone: bool = False) -> None:
+def save_model(model: Side4VideoClassifier, path: str | os.PathLike, include_backbone: bool = False,
+               classes: Optional[list[str]] = None) -> None:
+    """`classes`: the class names in label order (the train index's), kept so that `s4v eval` can refuse
+    a split whose labels mean other classes; default: `model.class_names` if the model was loaded with them."""
     sd = {k: v.detach().cpu() for k, v in model.state_dict().items()
           if include_backbone or not k.startswith("backbone.")}
     atomic_torch_save({
         "format": FORMAT, "version": VERSION, "name": model.name,
         "spec": dataclasses.asdict(model.spec), "num_classes": model.num_classes,
         "num_frames": model.num_frames, "includes_backbone": include_backbone, "state_dict": sd,
+        "classes": list(classes) if classes else getattr(model, "class_names", None),
     }, path)
 
 
 def load_model(path: str | os.PathLike, pretrained: Optional[str | os.PathLike] = None,
                device=None, backbone_dtype=None) -> Side4VideoClassifier:
     """Load a native s4v model file. Without backbone weights inside, `pretrained` must name the
-    tower's weights file. Returned in eval mode."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    tower's weights file. Returned in eval mode, with `class_names` (None in files without them)."""
+    ckpt = load_torch_file(path)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise ValueError(f"{path} is not an s4v model file (for official Side4Video checkpoints "
-                         "use s4v.load_official / `s4v convert-official`)")
+        raise WeightsFileError(f"{path} is not an s4v model file (for official Side4Video checkpoints "
+                               "use s4v.load_official / `s4v convert-official`)")
     spec_d = ckpt["spec"]
     spec = ModelSpec(BackboneSpec(**spec_d["backbone"]), SideSpec(**spec_d["side"]), spec_d["description"])
     if not ckpt["includes_backbone"] and pretrained is None:
-        raise ValueError(f"{path} holds only the side network and head; pass the backbone weights file "
-                         "as pretrained=PATH")
+        raise WeightsFileError(f"{path} holds only the side network and head; pass the backbone weights file "
+                               "as pretrained=PATH (model.pretrained=...)")
     model = build_model(spec, ckpt["num_classes"], ckpt["num_frames"], ckpt["name"],
                         pretrained=pretrained if not ckpt["includes_backbone"] else None, device="meta")
     sd = dict(ckpt["state_dict"])
     if not ckpt["includes_backbone"]:
         sd.update({k: v for k, v in model.state_dict().items() if k.startswith("backbone.")})
-    assign_state_dict(model, sd, source=str(path))
+    try:
+        assign_state_dict(model, sd, source=str(path))
+    except RuntimeError as err:  # load_state_dict's key/shape report: a damaged or edited file
+        raise WeightsFileError(f"{path} does not match its own model spec: {str(err).splitlines()[0]} ...") from err
     model.to(torch.device(device) if device is not None else torch.device("cpu"))
     if backbone_dtype is not None:
         from .backbone import resolve_dtype
 
         model.backbone.to(resolve_dtype(backbone_dtype))
+    model.class_names = ckpt.get("classes")
     return model.eval()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from typing import Optional, Sequence
@@ -26,20 +27,36 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ConfigError, FileNotFoundError) as err:
         print(f"s4v train: config error: {err}", file=sys.stderr)
         return 2
+    quiet_build_probes()
+    from s4v.eval.skips import EvalSkipError
+    from s4v.model.weights_file import WeightsFileError
     from s4v.train.checkpoint import CheckpointError
     from s4v.train.loop import DataSkipError, NonFiniteLossError, train
 
     try:
         result = train(cfg, argv)
-    except ConfigError as err:  # the preflight: nothing was started
-        print(f"s4v train: {err}", file=sys.stderr)
+    except (ConfigError, WeightsFileError) as err:  # the preflight, or a weights file that cannot be used
+        print(f"s4v train: {_without_prefix(err)}", file=sys.stderr)
         return 2
-    except (CheckpointError, NonFiniteLossError, DataSkipError) as err:  # a stop with a reason, not a bug
-        print(f"s4v train: stopped: {err}", file=sys.stderr)
+    except (CheckpointError, NonFiniteLossError, DataSkipError, EvalSkipError) as err:  # a stop with a reason
+        print(f"s4v train: stopped: {_without_prefix(err)}", file=sys.stderr)
         return 1
     if int(os.environ.get("RANK", "0")) == 0:
         print("RESULT_JSON " + json.dumps(result, sort_keys=True), flush=True)
     return 0 if result["status"] in ("finished", "preempted") else 1
+
+
+def _without_prefix(err: BaseException) -> str:
+    """The message once, whatever layer already put the command's name in front of it."""
+    return str(err).removeprefix("s4v train: ")
+
+
+def quiet_build_probes() -> None:
+    """DeepSpeed's import and op builders probe for compilers and CUDA (a test compile for libaio, "No
+    CUDA runtime is found, using CUDA_HOME=..."), logged at INFO/WARNING on every start: keep them out of
+    the run's log unless they fail."""
+    for name in ("compilers", "distutils", "setuptools", "torch.utils.cpp_extension"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 if __name__ == "__main__":

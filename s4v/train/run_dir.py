@@ -1,6 +1,7 @@
 """Self-describing run directories: resolved config, DeepSpeed JSON, git revision, versions, command."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -14,8 +15,8 @@ from typing import Any
 from s4v.config import dump_config
 from s4v.fileio import atomic_write_bytes
 
-PACKAGES = ("s4v", "torch", "torchvision", "deepspeed", "open_clip_torch", "timm", "webdataset",
-            "nvidia-dali-cuda130", "nvidia-dali-cuda120", "av", "numpy")
+PACKAGES = ("s4v", "torch", "torchvision", "deepspeed", "open_clip_torch", "timm", "nvidia-dali-cuda130",
+            "nvidia-dali-cuda120", "av", "numpy")
 
 
 def default_run_name(model_name: str) -> str:
@@ -50,20 +51,53 @@ def versions() -> dict[str, str]:
     return out
 
 
-def write_run_description(run_dir: Path, cfg: Any, ds_config: dict, argv: list[str]) -> None:
+def write_run_description(run_dir: Path, cfg: Any, ds_config: dict, argv: list[str], batch: Any = None) -> None:
     """Called on rank 0. Files are rewritten on resume (the first run's are kept as `*.first`)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     for name in ("config.yaml", "command.txt"):
         if (run_dir / name).is_file() and not (run_dir / f"{name}.first").exists():
             shutil.copy2(run_dir / name, run_dir / f"{name}.first")
-    dump_config(cfg, run_dir / "config.yaml")
+    dump_config(with_absolute_paths(cfg, Path.cwd()), run_dir / "config.yaml")
     atomic_write_bytes(run_dir / "ds_config.json", json.dumps(ds_config, indent=2).encode())
+    if batch is not None:  # the derived global batch and accumulation (s4v.train.batching.BatchPlan)
+        numbers = {**dataclasses.asdict(batch), "global_batch": batch.global_batch}
+        atomic_write_bytes(run_dir / "batch.json", json.dumps(numbers, indent=2).encode())
     atomic_write_bytes(run_dir / "git.txt", git_state(Path(__file__).resolve().parents[2]).encode())
     atomic_write_bytes(run_dir / "versions.json", json.dumps(versions(), indent=2).encode())
     slurm = {k: v for k, v in os.environ.items() if k.startswith("SLURM_")}
     command = " ".join([sys.executable, "-m", "s4v.train", *argv])
     atomic_write_bytes(run_dir / "command.txt",
-                       (command + "\n\n" + "\n".join(f"{k}={v}" for k, v in sorted(slurm.items()))).encode())
+                       (f"{command}\n{CWD_LINE}{Path.cwd()}\n\n"
+                        + "\n".join(f"{k}={v}" for k, v in sorted(slurm.items()))).encode())
     script = os.environ.get("S4V_SBATCH_SCRIPT")
     if script and Path(script).is_file():
         shutil.copy2(script, run_dir / "sbatch_script.sh")
+
+
+# ------------------------------------------------------------------- paths that must work from anywhere
+PATH_KEYS = (("data", "root"), ("model", "pretrained"))  # files a run's config.yaml names
+CWD_LINE = "cwd: "  # the launch directory's line in command.txt
+
+
+def with_absolute_paths(cfg: Any, base: Path, skip: tuple[str, ...] = ()) -> Any:
+    """A copy of `cfg` with relative `data.root` / `model.pretrained` made absolute against `base`
+    (the keys in `skip`, e.g. given on the command line, are left as they are)."""
+    for section, name in PATH_KEYS:
+        value = getattr(getattr(cfg, section), name)
+        if not value or f"{section}.{name}" in skip or Path(value).is_absolute():
+            continue
+        fixed = dataclasses.replace(getattr(cfg, section), **{name: os.path.abspath(Path(base) / value)})
+        cfg = dataclasses.replace(cfg, **{section: fixed})
+    return cfg
+
+
+def launch_dir(run_dir: Path) -> Path | None:
+    """Where the run was started: the `cwd:` line of its command.txt, or Slurm's submit directory in
+    older runs (which recorded no cwd); None if neither is there."""
+    path = Path(run_dir) / "command.txt"
+    lines = path.read_text(errors="replace").splitlines() if path.is_file() else []
+    for prefix in (CWD_LINE, "SLURM_SUBMIT_DIR="):
+        for line in lines:
+            if line.startswith(prefix) and line[len(prefix):].strip():
+                return Path(line[len(prefix):].strip())
+    return None
