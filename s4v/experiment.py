@@ -10,6 +10,12 @@ from s4v.model.retrieval_specs import RETRIEVAL_MODELS
 from s4v.model.specs import MODELS, closest
 
 
+def _require(key: str, value: Any, ok: bool, rule: str) -> None:
+    """ConfigError naming the key of a zero or nonsense value (None means unset and is not checked)."""
+    if value is not None and not ok:
+        raise ConfigError(f"{key} must be {rule}, got {value!r}")
+
+
 @dataclass
 class ModelConfig:
     name: str = "s4v_b16"  # one of s4v.list_models()
@@ -24,6 +30,9 @@ class ModelConfig:
     def validate(self) -> None:
         if self.name not in MODELS and self.name not in RETRIEVAL_MODELS:
             raise ConfigError(f"model.name: unknown model {self.name!r}" + closest(self.name, [*MODELS, *RETRIEVAL_MODELS]))
+        if isinstance(self.num_classes, int):
+            _require("model.num_classes", self.num_classes, self.num_classes >= 1, ">= 1")
+        _require("model.num_frames", self.num_frames, self.num_frames >= 1, ">= 1")
 
 
 @dataclass
@@ -39,6 +48,16 @@ class OptimConfig:
     grad_clip: float = 1.0  # global gradient-norm clipping (0: off)
     optimizer: Literal["adamw", "bertadam"] = "adamw"  # bertadam: the official retrieval optimiser (no bias correction)
     schedule: Literal["cosine", "cosine_global"] = "cosine"  # cosine_global: cos over global progress (CLIP4Clip)
+
+    def validate(self) -> None:
+        _require("optim.lr", self.lr, self.lr > 0, "> 0")
+        _require("optim.weight_decay", self.weight_decay, self.weight_decay >= 0, ">= 0")
+        _require("optim.eps", self.eps, self.eps > 0, "> 0")
+        _require("optim.betas", self.betas, all(0 <= b < 1 for b in self.betas), "two numbers in [0, 1)")
+        _require("optim.warmup_epochs", self.warmup_epochs, self.warmup_epochs >= 0, ">= 0")
+        _require("optim.min_lr_ratio", self.min_lr_ratio, 0 <= self.min_lr_ratio <= 1, "in [0, 1]")
+        _require("optim.label_smoothing", self.label_smoothing, 0 <= self.label_smoothing < 1, "in [0, 1)")
+        _require("optim.grad_clip", self.grad_clip, self.grad_clip >= 0, ">= 0 (0: off)")
 
 
 @dataclass
@@ -59,12 +78,27 @@ class TrainConfig:
     deterministic: bool = False  # torch deterministic algorithms (slower; for exact-resume checks)
     export: bool = True  # write the side network + head (no backbone) at the end
 
+    def validate(self) -> None:
+        for name in ("epochs", "max_steps", "keep_checkpoints", "log_every_steps", "max_nonfinite_steps"):
+            value = getattr(self, name)  # max_steps: None is "no limit"; 0 would be a run of no step
+            _require(f"train.{name}", value, value is None or value >= 1, ">= 1")
+        for name in ("grad_accum", "global_batch_size"):  # None: derived (s4v.train.batching)
+            value = getattr(self, name, None)
+            _require(f"train.{name}", value, value is None or value >= 1, ">= 1 (or null)")
+        _require("train.ckpt_every_steps", self.ckpt_every_steps, self.ckpt_every_steps >= 0, ">= 0 (0: epoch ends)")
+        _require("train.max_skip_fraction", self.max_skip_fraction, 0 <= self.max_skip_fraction <= 1, "in [0, 1]")
+
 
 @dataclass
 class EvalConfig:
     every_epochs: int = 1  # evaluate during training every N epochs (0: only at the end)
     during_training_views: Literal["single", "full"] = "single"  # single centre view, as the official code
     at_end: bool = True  # full multi-view evaluation after training
+    max_skip_fraction: float = 0.01  # fail the evaluation if more than this share of its videos cannot be read
+
+    def validate(self) -> None:
+        _require("eval.every_epochs", self.every_epochs, self.every_epochs >= 0, ">= 0 (0: only at the end)")
+        _require("eval.max_skip_fraction", self.max_skip_fraction, 0 <= self.max_skip_fraction <= 1, "in [0, 1]")
 
 
 @dataclass

@@ -67,8 +67,9 @@ class DataConfig:
             bad(f"num_frames must be >= 1, got {self.num_frames}")
         if self.test_crops not in (1, 3):
             bad(f"test_crops must be 1 or 3, got {self.test_crops}")
-        if self.test_clips < 1 or self.repeated_aug < 1 or self.batch_size < 1:
-            bad("test_clips, repeated_aug and batch_size must be >= 1")
+        for name in ("test_clips", "repeated_aug", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"data.{name} must be >= 1, got {getattr(self, name)}")
         if self.test_sampling == "linspace" and self.test_clips != 1:
             bad(f"test_sampling: linspace takes one test clip, got test_clips={self.test_clips}")
         if not 0 < self.crop_area[0] <= self.crop_area[1] <= 1:

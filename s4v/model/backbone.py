@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .specs import BackboneSpec
+from .weights_file import WeightsFileError, not_a_weights_file
 
 log = logging.getLogger(__name__)
 
@@ -54,20 +55,25 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        sd = load_file(str(path))
+        try:
+            sd = load_file(str(path))
+        except Exception as err:  # noqa: BLE001 - SafetensorError and friends
+            raise not_a_weights_file(path, err) from err
     else:
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True)
         except RuntimeError as err:
             if "TorchScript" not in str(err) and "constants.pkl" not in str(err):
-                raise RuntimeError(f"cannot read checkpoint {path}: {err}") from err
+                raise not_a_weights_file(path, err) from err
             sd = torch.jit.load(str(path), map_location="cpu").state_dict()  # OpenAI CLIP archive
+        except Exception as err:  # noqa: BLE001 - a foreign file makes the unpickler raise anything
+            raise not_a_weights_file(path, err) from err
     for key in ("model_state_dict", "state_dict", "model", "module"):
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]
             break
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError(f"{path} does not hold a state dict of tensors")
+        raise WeightsFileError(f"not a weights file: {path} (it does not hold a state dict of tensors)")
     return {k.removeprefix("module."): v for k, v in sd.items()}
 
 
@@ -98,7 +104,7 @@ def load_tower_weights(tower: nn.Module, sd: dict[str, torch.Tensor], source: st
         for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong)):
             if items:
                 parts.append(f"{len(items)} {title} (e.g. {', '.join(items[:4])})")
-        raise ValueError(f"{what} weights in {source} do not match the model's tower: " + "; ".join(parts)
+        raise WeightsFileError(f"{what} weights in {source} do not match the model's tower: " + "; ".join(parts)
                          + ". Is it the right model name / checkpoint?")
     assign_state_dict(tower, {k: sd[k] for k in expected}, source)
 

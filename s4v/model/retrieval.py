@@ -383,9 +383,11 @@ def is_retrieval_file(path: str | os.PathLike) -> bool:
 def load_retrieval_model(path: str | os.PathLike, pretrained: Optional[str | os.PathLike] = None, device=None,
                          backbone_dtype=None) -> Side4VideoRetrieval:
     """Load a native retrieval model file; without the tower inside, `pretrained` names the CLIP file."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    from .weights_file import WeightsFileError, load_torch_file
+
+    ckpt = load_torch_file(path)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise ValueError(f"{path} is not an s4v retrieval model file")
+        raise WeightsFileError(f"{path} is not an s4v retrieval model file")
     d = ckpt["spec"]
     spec = RetrievalSpec(BackboneSpec(**d["backbone"]), SideSpec(**d["side"]), TextSpec(**d["text"]), d["description"])
     if not ckpt["includes_backbone"] and pretrained is None:

@@ -116,7 +116,8 @@ class RecognitionTask:
                                           f"{prefix}/mean_class_acc": report["mean_class_acc"]})
         trainer.logger.image(f"{prefix}/confusion", confusion_image(report["confusion"]), trainer.step)
         log.info("%s at step %d: top1 %.4f top5 %.4f mean-class %.4f (%d clips)", prefix, trainer.step,
-                 report["top1"], report["top5"], report["mean_class_acc"], report["num_samples"])
+                 report["top1"], report["top5"], report["mean_class_acc"], report["num_evaluated"])
+        check_unreadable(trainer, prefix, report)
         return report
 
     def result_fields(self, report: dict) -> dict:
@@ -154,6 +155,26 @@ def _export(trainer, save: Callable[[Path], None]) -> Path:
             log.info("exported the trained model to %s", path)
     barrier()
     return path
+
+
+def check_unreadable(trainer, prefix: str, report: dict) -> None:
+    """Log an evaluation's video counts (and the unreadable keys); beyond `eval.max_skip_fraction`
+    unreadable videos, save this point's checkpoint (no training is lost) and stop (EvalSkipError)."""
+    from s4v.eval.skips import EvalSkipError, check_skip_fraction, describe_unreadable
+
+    trainer.logger.log(trainer.step, {f"{prefix}/num_samples": report["num_samples"],
+                                      f"{prefix}/num_unreadable": report["num_unreadable"]})
+    if report["num_unreadable"]:
+        log.warning("%s: %d of %d videos could not be read and are not in the metrics: %s", prefix,
+                    report["num_unreadable"], report["num_samples"], describe_unreadable(report))
+        writer = getattr(trainer.logger, "writer", None)
+        if writer is not None:
+            writer.add_text(f"{prefix}/unreadable", describe_unreadable(report), trainer.step)
+    try:
+        check_skip_fraction(report, trainer.cfg.eval.max_skip_fraction)
+    except EvalSkipError:
+        trainer.save()
+        raise
 
 
 # ============================================================================================ retrieval
@@ -330,6 +351,7 @@ class RetrievalTask:
                 ties=cfg.retrieval.eval_ties, block=cfg.retrieval.eval_block)
         prefix = "val" if full_views else "val_single"
         log_retrieval(trainer.logger, trainer.step, prefix, report)
+        check_unreadable(trainer, prefix, report)
         return report
 
     def result_fields(self, report: dict) -> dict:
