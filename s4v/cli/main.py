@@ -1,4 +1,4 @@
-"""The `s4v` command line: train, eval, info, list, bench, convert-official."""
+"""The `s4v` command line: train, eval, config, info, list, bench, convert-official."""
 from __future__ import annotations
 
 import argparse
@@ -62,7 +62,37 @@ def cmd_convert_official(args: argparse.Namespace) -> int:
     return 0
 
 
-BENCHES = ("loader", "memory", "throughput")
+def cmd_config(args: argparse.Namespace) -> int:
+    """The resolved experiment (defaults <- RECIPE <- key=value overrides) as YAML, as a run would store it."""
+    import yaml
+
+    from s4v.config import config_to_dict
+    from s4v.experiment import load_experiment
+
+    path, overrides = (None, args.rest) if args.recipe is None or "=" in args.recipe else (args.recipe, args.rest)
+    if args.recipe is not None and "=" in args.recipe:
+        overrides = [args.recipe, *args.rest]
+    cfg = load_experiment(path, overrides)
+    print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None), end="")
+    return 0
+
+
+def _benches() -> dict[str, str]:
+    """`s4v bench` subcommands: the s4v.bench modules with a main(), each with its docstring's first line
+    (read from the source, so `s4v --help` imports no torch)."""
+    import ast
+    from pathlib import Path
+
+    out = {}
+    for path in sorted((Path(__file__).resolve().parents[1] / "bench").glob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        if any(isinstance(n, ast.FunctionDef) and n.name == "main" for n in tree.body):
+            doc = " ".join((ast.get_docstring(tree) or "").split("\n\n")[0].split())  # first paragraph
+            out[path.stem] = doc.split(":", 1)[-1].strip() if doc.startswith("`s4v bench") else doc
+    return out
+
+
+BENCHES = tuple(_benches())
 
 
 def _passthrough(module: str):
@@ -88,14 +118,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, default=174)
     p.set_defaults(func=cmd_info)
 
-    for name, module, text in (("train", "s4v.train.main", "train: s4v train CONFIG.yaml [key=value ...]"),
+    p = sub.add_parser("config", help="print the resolved experiment: s4v config [RECIPE.yaml] [key=value ...]")
+    p.add_argument("recipe", nargs="?", default=None, help="an experiment YAML (ds_configs/experiments/)")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="key=value overrides")
+    p.set_defaults(func=cmd_config)
+
+    for name, module, text in (("train", "s4v.train.main", "train: s4v train CONFIG.yaml [key=value ...] "
+                                "(`s4v train --help` lists every key)"),
                                ("eval", "s4v.eval.main", "multi-view evaluation: s4v eval RUN_DIR|MODEL.pt ...")):
         p = sub.add_parser(name, help=text, add_help=False)
         p.add_argument("rest", nargs=argparse.REMAINDER)
         p.set_defaults(func=_passthrough(module))
 
-    p = sub.add_parser("bench", help="benchmarks: s4v bench {loader} ... (tables of ratios)")
-    p.add_argument("which", choices=BENCHES)
+    benches = _benches()
+    p = sub.add_parser("bench", help=f"benchmarks: s4v bench {{{','.join(benches)}}} ... (`s4v bench --help`)",
+                       description="\n".join(f"{k}: {v}" for k, v in benches.items()),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("which", choices=tuple(benches), help="the benchmark; `s4v bench NAME --help` for its options")
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=lambda a: __import__(f"s4v.bench.{a.which}", fromlist=["main"]).main(a.rest))
 
@@ -118,8 +157,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, KeyError) as err:
-        print(f"s4v {args.command}: error: {err}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, KeyError) as err:  # ConfigError and WeightsFileError included
+        print(f"s4v {args.command}: error: {str(err).removeprefix(f's4v {args.command}: ')}", file=sys.stderr)
         return 2
 
 

@@ -17,6 +17,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
+        if argv:
+            print(HELP + config_listing())
         return 0 if argv else 2
     from s4v.config import ConfigError
     from s4v.experiment import load_experiment
@@ -44,6 +46,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         print("RESULT_JSON " + json.dumps(result, sort_keys=True), flush=True)
     return 0 if result["status"] in ("finished", "preempted") else 1
+
+
+HELP = """
+Merge order: the defaults below <- CONFIG.yaml (recipes: ds_configs/experiments/) <- key=value overrides.
+`s4v config CONFIG.yaml [key=value ...]` prints the resolved experiment. Exit codes: 0 finished or
+preempted, 1 stopped with a reason (checkpoint write, non-finite losses, unreadable data), 2 bad config,
+data or weights file.
+
+Keys (default, meaning):
+"""
+
+
+def config_listing() -> str:
+    from s4v.cli.config_help import describe_config
+    from s4v.experiment import ExperimentConfig
+
+    return describe_config(ExperimentConfig())
 
 
 def _without_prefix(err: BaseException) -> str:
