@@ -216,7 +216,7 @@ def generate(out: Path, train: int = 3000, val: int = 500, size: int = 32, frame
     return summaries
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m data_prep.synthetic", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True)
@@ -234,7 +234,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--overwrite", action="store_true",
                    help="replace splits made with other options (written aside, swapped in when complete)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
     t0 = time.time()
     try:
         summaries = generate(args.out, args.train, args.val, args.size, args.frames, args.codec, args.task, args.seed,

@@ -227,3 +227,45 @@ def test_unknown_dataset_and_split(tmp_path):
         parse_split("ucf", ParseArgs(tmp_path, tmp_path, "train"))
     with pytest.raises(AnnotationError, match="unknown split"):
         parse_split("msrvtt", ParseArgs(tmp_path, tmp_path, "dev"))
+
+
+def test_manifest_rejects_bad_time_ranges_and_rows_without_label_or_caption(tmp_path):
+    """Issue 13, item 3: `start: -1` gave a clip that repeats frame 0; these rows are rejected instead."""
+    for name in "abcdefg":
+        touch(tmp_path / f"{name}.mp4")
+    rows = [{"path": "a.mp4", "label": "x", "start": -1},
+            {"path": "b.mp4", "label": "x", "start": -0.5, "end": 0.5},
+            {"path": "c.mp4", "label": "x", "start": 2, "end": 2},
+            {"path": "d.mp4", "label": "x", "start": "soon"},
+            {"path": "e.mp4"},  # neither label nor caption
+            {"path": "f.mp4", "caption": "fine", "start": 0.5, "end": 1.5},
+            {"path": "g.mp4", "label": "x", "end": float("inf")}]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recs = by_id(parse_split("manifest", ParseArgs(None, tmp_path / "m.jsonl", "train")))
+    reasons = {k: r.missing_reason for k, r in recs.items()}
+    assert reasons == {"a": "bad time range: start -1 s is negative",
+                       "b": "bad time range: start -0.5 s is negative",
+                       "c": "bad time range: end 2 s is not after start 2 s",
+                       "d": "bad time range: start 'soon' is not a number",
+                       "e": "no label and no caption in the manifest",
+                       "f": "",
+                       "g": "bad time range: end inf is not a finite number"}
+
+
+def test_folder_same_stem_files_are_both_kept_and_empty_classes_warn(tmp_path):
+    """Issue 13, item 10: `clip.avi` and `clip.mkv` are two videos, not a duplicate."""
+    vids = tmp_path / "v"
+    touch(vids / "run" / "clip.avi")
+    touch(vids / "run" / "clip.mkv")
+    touch(vids / "run" / "other.mp4")
+    touch(vids / "run" / "sub" / "clip.mp4")  # another folder: no clash
+    (vids / "swim").mkdir()
+    touch(vids / "jump" / "notes.txt")
+    parsed = parse_split("folder", ParseArgs(vids, None, "train"))
+    assert sorted(r.source_id for r in parsed.records) == ["run/clip.avi", "run/clip.mkv", "run/other",
+                                                           "run/sub/clip"]
+    assert any("2 class folder(s)" in w and "['jump', 'swim']" in w for w in parsed.warnings)
+    assert any("--classes not given" in w for w in parsed.warnings)
+    (tmp_path / "classes.txt").write_text("run\njump\nswim\n")
+    parsed = parse_split("folder", ParseArgs(vids, None, "train", classes_file=tmp_path / "classes.txt"))
+    assert not any("--classes not given" in w for w in parsed.warnings)

@@ -276,3 +276,62 @@ def test_cli_errors_name_the_missing_file(tmp_path, capsys):
     rc = shard.main(["--dataset", "ssv2", "--videos", str(tmp_path / "v"), "--annotations", str(tmp_path),
                      "--split", "train", "--out", str(tmp_path / "o"), "--no-progress"])
     assert rc == 2 and str(tmp_path / "labels.json") in capsys.readouterr().err
+
+
+def test_manifest_time_ranges_outside_the_video_are_rejected(tmp_path, capsys):
+    """Issue 13, item 3: a range must lie inside the video (24 frames at 25 fps: 0.96 s)."""
+    src = make_video(tmp_path / "src.mp4", 24)
+    rows = {"ok": {"start": 0.2, "end": 0.6}, "neg": {"start": -1}, "late_end": {"start": 0.5, "end": 2.0},
+            "late_start": {"start": 5.0}, "nolabel": {}}
+    lines = []
+    for name, extra in rows.items():
+        (tmp_path / f"{name}.mp4").write_bytes(src.read_bytes())  # manifest rows are keyed by path
+        lines.append(json.dumps({"path": f"{name}.mp4", "id": name, **({} if name == "nolabel" else {"label": "a"}),
+                                 **extra}))
+    (tmp_path / "m.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    assert shard.main(["--dataset", "manifest", "--annotations", str(tmp_path / "m.jsonl"), "--split", "train",
+                       "--out", str(out), "--min-frames", "1", "--workers", "1", "--no-progress"]) == 0
+    rejects = {r["source_id"]: r["reason"] for r in map(json.loads, (out / "train-rejects.jsonl").read_text().splitlines())}
+    assert rejects == {"neg": "bad time range: start -1 s is negative",
+                       "late_end": "time range outside the video: 0.5..2 s, the video ends at 0.960 s",
+                       "late_start": "time range outside the video: starts at 5 s, the video ends at 0.960 s",
+                       "nolabel": "no label and no caption in the manifest"}
+    assert "1 samples, 4 rejected" in capsys.readouterr().out
+    index = SplitIndex.load(out, "train")
+    (_, _), (_, _), (_, js) = read_tar(out / index.shards[0].name)
+    assert ClipMeta.from_json(js).frames == 10  # 0.4 s at 25 fps
+
+
+def test_same_stem_kept_small_sources_not_upscaled_empty_class_warns(tmp_path, capsys):
+    """Issue 13, item 10."""
+    videos = tmp_path / "videos"
+    make_video(videos / "cat" / "clip.mkv", 10)
+    make_video(videos / "cat" / "clip.mp4", 12)
+    make_video(videos / "cat" / "small.mp4", 10, w=40, h=32)
+    make_video(videos / "cat" / "big.mp4", 10, w=96, h=64)
+    (videos / "dog").mkdir()
+    out = tmp_path / "out"
+    assert shard.main(["--dataset", "folder", "--videos", str(videos), "--split", "train", "--out", str(out),
+                       "--short-side", "48", "--shard-size", "4", "--min-frames", "1", "--workers", "1",
+                       "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "1 class folder(s)" in err and "['dog']" in err
+    assert "1 of 2 classes have no sample in split 'train' (no usable video): ['dog']" in err
+    assert not (out / "train-rejects.jsonl").read_text()
+    metas = {}
+    for name, data in read_tar(out / "train-000000.tar"):
+        if name.endswith(".json"):
+            meta = ClipMeta.from_json(data)
+            metas[name[:-5]] = (meta.source_id, meta.frames, meta.width, meta.height)
+    assert metas == {"cat_clip_mkv": ("cat/clip.mkv", 10, 64, 48), "cat_clip_mp4": ("cat/clip.mp4", 12, 64, 48),
+                     "cat_small": ("cat/small", 10, 40, 32),  # smaller than --short-side: kept (was 60x48)
+                     "cat_big": ("cat/big", 10, 72, 48)}
+
+
+def test_output_size_never_upscales():
+    from data_prep.transcode import output_size
+
+    assert output_size(64, 48, 320) == (64, 48)  # was 426x320
+    assert output_size(63, 47, 320) == (64, 48)  # even sides
+    assert output_size(640, 480, 320) == (426, 320) and output_size(64, 48, 0) == (64, 48)

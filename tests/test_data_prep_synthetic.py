@@ -137,3 +137,47 @@ def test_dali_cpu_decodes_vp9_shards(vp9_dir):
             labels.append(int(bytes(np.asarray(cls[i])).decode()))
     assert Counter(labels) == Counter({0: 2, 1: 2, 2: 2, 3: 2})
     assert dali.__version__
+
+
+# --- every option that changes the output is part of the fingerprint (issue 13, item 9)
+BASE = {"--train": "4", "--val": "2", "--size": "16", "--frames": "4", "--codec": "vp9", "--task": "pair4",
+        "--seed": "0", "--fps": "8", "--crf": "30", "--shard-size": "4"}
+CHANGED = {"--train": "5", "--val": "3", "--size": "24", "--frames": "5", "--codec": "h264", "--task": "dir4",
+           "--seed": "1", "--fps": "10", "--crf": "31", "--shard-size": "2"}
+
+
+def synth_argv(out: Path, **changes: str) -> list[str]:
+    options = {**BASE, **{f"--{k.replace('_', '-')}": v for k, v in changes.items()}}
+    return ["--out", str(out), *[x for kv in options.items() for x in kv], "--workers", "1", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def small_synth(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("synth_fp")
+    assert synthetic.main(synth_argv(out)) == 0
+    return out
+
+
+def test_every_option_covers_the_options_of_the_cli():
+    assert set(BASE) == set(CHANGED) == {a.option_strings[0] for a in synthetic.build_parser()._actions
+                                         if a.option_strings and a.dest not in ("help", "out", "workers",
+                                                                                "no_progress", "overwrite")}
+
+
+@pytest.mark.parametrize("option", sorted(CHANGED))
+def test_changed_option_is_not_taken_for_done(small_synth, option, capsys):
+    """Was: `--size 24` into a 16 px folder said "1 already done" and kept the 16 px clips."""
+    before = (small_synth / "train-index.json").read_bytes(), (small_synth / "val-index.json").read_bytes()
+    assert synthetic.main(synth_argv(small_synth, **{option[2:]: CHANGED[option]})) == 2
+    assert "made from other records or settings" in capsys.readouterr().err
+    assert ((small_synth / "train-index.json").read_bytes(), (small_synth / "val-index.json").read_bytes()) == before
+
+
+def test_same_options_are_done_and_overwrite_replaces(small_synth, tmp_path, capsys):
+    assert synthetic.main(synth_argv(small_synth)) == 0
+    assert "(0 written, 1 already done)" in capsys.readouterr().out
+    out = tmp_path / "copy"
+    assert synthetic.main(synth_argv(out)) == 0
+    assert synthetic.main(synth_argv(out, size="24") + ["--overwrite"]) == 0
+    for frames, _, meta in decode_samples(out / "val-000000.tar"):
+        assert frames.shape == (4, 24, 24, 3) and meta.width == 24
