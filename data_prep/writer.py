@@ -287,8 +287,8 @@ def _clear_split(out: Path, split: str) -> None:
 def write_split(records: Sequence[VideoRecord], produce: Producer, opts: ShardOptions) -> Summary:
     """Shard one split (this job's part of it); resumable, see the module docstring."""
     if not records:
-        raise EmptySplitError(f"split {opts.split!r} has no input records: nothing written"
-                              + (f"; the existing {opts.split!r} shards in {opts.out} are kept" if opts.overwrite else ""))
+        kept = f"; the existing {opts.split!r} shards in {opts.out} are kept" if opts.overwrite else ""
+        raise EmptySplitError(f"split {opts.split!r} has no input records: nothing written{kept}")
     if not opts.overwrite:
         return _write_split(records, produce, opts, discard_other_plan=False)
     staged = staging_dir(opts.out, opts.split)

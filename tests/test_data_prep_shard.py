@@ -292,7 +292,8 @@ def test_manifest_time_ranges_outside_the_video_are_rejected(tmp_path, capsys):
     out = tmp_path / "out"
     assert shard.main(["--dataset", "manifest", "--annotations", str(tmp_path / "m.jsonl"), "--split", "train",
                        "--out", str(out), "--min-frames", "1", "--workers", "1", "--no-progress"]) == 0
-    rejects = {r["source_id"]: r["reason"] for r in map(json.loads, (out / "train-rejects.jsonl").read_text().splitlines())}
+    lines = (out / "train-rejects.jsonl").read_text().splitlines()
+    rejects = {r["source_id"]: r["reason"] for r in map(json.loads, lines)}
     assert rejects == {"neg": "bad time range: start -1 s is negative",
                        "late_end": "time range outside the video: 0.5..2 s, the video ends at 0.960 s",
                        "late_start": "time range outside the video: starts at 5 s, the video ends at 0.960 s",
