@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 from s4v.config import ConfigError, load_config
 from s4v.data.config import DataConfig
@@ -19,7 +19,7 @@ def _require(key: str, value: Any, ok: bool, rule: str) -> None:
 @dataclass
 class ModelConfig:
     name: str = "s4v_b16"  # one of s4v.list_models()
-    num_classes: int = 174  # classifier outputs
+    num_classes: Union[int, Literal["auto"]] = "auto"  # classifier outputs; auto: the train index's class count
     num_frames: int = 8  # frames per clip T
     pretrained: Optional[str] = None  # local weights file of the frozen tower (None: random init)
     backbone_dtype: Literal["fp32", "fp16", "bf16"] = "bf16"  # dtype of the frozen tower

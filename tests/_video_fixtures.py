@@ -82,8 +82,9 @@ def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def write_split(root: Path, split: str, shards: list[list[Spec]], idx: bool = False,
-                truncate_shard: Optional[tuple[int, str]] = None) -> SplitIndex:
-    """Write `{split}-NNNNNN.tar` shards (+ `.idx` via wds2idx if `idx`) and the split index.
+                truncate_shard: Optional[tuple[int, str]] = None, classes: Optional[list[str]] = None) -> SplitIndex:
+    """Write `{split}-NNNNNN.tar` shards (+ `.idx` via wds2idx if `idx`) and the split index (whose class
+    list is `classes`, default 200 names c0..c199).
 
     `truncate_shard=(shard, key)` cuts that tar halfway through `key`'s video member, dropping
     everything after it (the split index still claims the full sample count).
@@ -117,7 +118,8 @@ def write_split(root: Path, split: str, shards: list[list[Spec]], idx: bool = Fa
                             str((root / name).with_suffix(".idx"))], check=True, capture_output=True)
         infos.append(ShardInfo(name=name, samples=len(specs), duration=sum(s.frames for s in specs) / 25,
                                class_counts=counts))
-    index = SplitIndex(dataset="synthetic", split=split, classes=[f"c{i}" for i in range(200)], shards=infos,
+    index = SplitIndex(dataset="synthetic", split=split, shards=infos,
+                       classes=[f"c{i}" for i in range(200)] if classes is None else classes,
                        codec=shards[0][0].codec if shards and shards[0] else "h264")
     index.save(root)
     return index

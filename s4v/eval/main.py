@@ -69,14 +69,32 @@ def load_eval_config(target: Path, rest: list[str]):
         raise ConfigError(f"{run_dir} is not a run directory (no config.yaml); pass a model file and a config")
     if not model_file.is_file():
         raise FileNotFoundError(f"no model file {model_file} (train with train.export=true, or pass a model file)")
-    cfg = load_experiment(config or str(run_dir / "config.yaml"), rest)
+    cfg = load_experiment(config or (str(run_dir / "config.yaml") if run_dir else None), rest)
     if run_dir and config is None:
         base = launch_dir(run_dir)
         if base is not None:
             given = tuple(o.partition("=")[0].strip() for o in rest)
             cfg = with_absolute_paths(cfg, base, skip=given)
     _check_data(cfg, run_dir)
+    _check_classes(cfg, model_file)
     return cfg, model_file
+
+
+def _check_classes(cfg, model_file: Path) -> None:
+    """A ConfigError when the split's labels do not mean the model's classes (s4v.data.classes): read
+    from the model file's header, before any model is built."""
+    from s4v.config import ConfigError
+    from s4v.data.classes import model_class_problem
+    from s4v.data.format import SplitIndex
+    from s4v.model.checkpoint_io import model_file_classes
+
+    names, count = model_file_classes(model_file)
+    if count is None:  # a retrieval model, or not a model file (reported when it is loaded)
+        return
+    split = cfg.data.val_split
+    problem = model_class_problem(names, count, SplitIndex.load(cfg.data.root, split).classes, split, str(model_file))
+    if problem:
+        raise ConfigError(problem)
 
 
 def _check_data(cfg, run_dir: Optional[Path]) -> None:
@@ -93,6 +111,13 @@ def _check_data(cfg, run_dir: Optional[Path]) -> None:
     if not index.is_file():
         raise ConfigError(f"data.val_split: no split index {index} (split {cfg.data.val_split!r}; create it "
                           "with `python -m data_prep.shard`, or set data.val_split=...)")
+    import torch
+
+    from s4v.data.split_checks import check_splits
+
+    _, problems = check_splits(cfg.data, [cfg.data.val_split], cuda=torch.cuda.is_available())  # shards, codec
+    if problems:
+        raise ConfigError("cannot start:\n  - " + "\n  - ".join(problems))
 
 
 def _evaluate(cfg, model_file: Path, target: Path, info) -> int:

@@ -37,6 +37,18 @@ def save_model(model: Side4VideoClassifier, path: str | os.PathLike, include_bac
     }, path)
 
 
+def model_file_classes(path: str | os.PathLike) -> tuple[Optional[list[str]], Optional[int]]:
+    """(class names, or None in files written without them; number of outputs) of a native s4v model
+    file, read without building the model (tensors memory-mapped). (None, None) for any other file."""
+    try:
+        ckpt = load_torch_file(path, mmap=True)
+    except WeightsFileError:
+        return None, None  # load_model says what is wrong with it
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        return None, None
+    return ckpt.get("classes"), ckpt.get("num_classes")
+
+
 def load_model(path: str | os.PathLike, pretrained: Optional[str | os.PathLike] = None,
                device=None, backbone_dtype=None) -> Side4VideoClassifier:
     """Load a native s4v model file. Without backbone weights inside, `pretrained` must name the

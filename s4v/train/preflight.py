@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from s4v.experiment import ExperimentConfig
+from s4v.train.batching import BatchPlan, BatchPlanError, plan_batches
 from s4v.train.engine import build_ds_config, load_ds_json
 
 
@@ -22,59 +23,59 @@ def preflight(cfg: ExperimentConfig, world_size: int) -> None:
     """Cheap checks of everything a run needs, before the model is built or any data is read, so that a
     typo fails in seconds with the key to fix, not after minutes of start-up (or on one rank of many).
 
-    Files: data.root, the train (and, if evaluating, val) split index and every shard it lists,
-    model.pretrained, engine.ds_config (valid JSON, no conflict with the batch the experiment gives for
-    this world size, no fp16 on CPU), an explicit train.resume folder. Sizes: at least
-    train.grad_accum batches per rank per epoch at this world size. Raises ConfigError."""
+    Files: data.root, the train (and, if evaluating, val) split index and every shard it lists, the
+    splits' codecs (readable by data.loader on data.device) and class lists (the same in every split),
+    model.num_classes (auto, or the train index's class count), model.pretrained, engine.ds_config
+    (valid JSON, no conflict with the batch the experiment gives for this world size, no fp16 on CPU),
+    an explicit train.resume folder. Batch: train.global_batch_size
+    divisible at this world size (s4v.train.batching), and at least one optimizer step's micro-batches per
+    rank per epoch. Raises ConfigError."""
     from s4v.config import ConfigError
     from s4v.data.augment import num_views
-    from s4v.data.format import INDEX_NAME, SplitIndex
     from s4v.data.shards import batches_per_epoch
+    from s4v.data.split_checks import check_splits
 
-    d, problems = cfg.data, []
+    d = cfg.data
     splits = [d.train_split] + ([d.val_split] if cfg.eval.at_end or cfg.eval.every_epochs else [])
-    train_samples = None
-    if not d.root or not Path(d.root).is_dir():
-        problems.append(f"data.root: no folder {d.root!r}")
-    else:
-        for split in dict.fromkeys(splits):
-            try:
-                index = SplitIndex.load(d.root, split)
-            except FileNotFoundError:
-                problems.append(f"data.root: no split index {Path(d.root) / INDEX_NAME.format(split=split)} "
-                                f"(split {split!r}; create shards with `python -m data_prep.shard`)")
-                continue
-            except (ValueError, KeyError, TypeError) as err:
-                problems.append(f"data.root: unreadable split index for {split!r}: {err}")
-                continue
-            missing = [s.name for s in index.shards if not (Path(d.root) / s.name).is_file()]
-            if missing:
-                problems.append(f"data.root: {len(missing)} of {len(index.shards)} {split!r} shards are missing "
-                                f"under {d.root}: {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}")
-            if split == d.train_split:
-                train_samples = index.num_samples
+    indices, problems = check_splits(d, splits, cuda=torch.cuda.is_available())
+    train_index = indices.get(d.train_split)
+    train_samples = train_index.num_samples if train_index else None
+    if cfg.task == "recognition" and train_index:
+        problem = num_classes_problem(cfg.model.num_classes, train_index.classes, d.train_split)
+        if problem:
+            problems.append(problem)
     if cfg.model.pretrained and not Path(cfg.model.pretrained).is_file():
         problems.append(f"model.pretrained: no weights file {cfg.model.pretrained!r}")
     if cfg.model.shard_backbone and not cfg.model.pretrained:
         problems.append("model.shard_backbone needs model.pretrained: a sharded tower is loaded from its weights "
                         "file, not saved with the run")
-    if cfg.train.grad_accum < 1:
-        problems.append(f"train.grad_accum must be >= 1, got {cfg.train.grad_accum}")
-    elif train_samples is not None:
+    try:
+        plan = batch_plan(cfg, world_size)
+    except BatchPlanError as err:
+        problems.append(str(err))
+        plan = None
+    if plan is not None and train_samples is not None:
         batches = batches_per_epoch(train_samples, world_size, d.batch_size, train=True)
-        if batches < cfg.train.grad_accum:
+        if batches < plan.grad_accum:
             problems.append(f"data.batch_size={d.batch_size}: {train_samples} training samples over {world_size} "
-                            f"ranks give {batches} batches per rank per epoch, fewer than train.grad_accum="
-                            f"{cfg.train.grad_accum}; use more data, fewer ranks or smaller batches")
+                            f"ranks give {batches} batches per rank per epoch, fewer than the {plan.grad_accum} "
+                            f"micro-batches of an optimizer step ({plan.describe()}); use more data, fewer ranks "
+                            f"or smaller batches")
     if cfg.train.resume not in ("auto", "none") and not Path(cfg.train.resume).is_dir():
         problems.append(f"train.resume: no checkpoint folder {cfg.train.resume!r} (use auto, none or a folder)")
     try:
-        experiment_ds_config(cfg, d.batch_size * num_views(d, True), max(1, cfg.train.grad_accum), world_size,
+        experiment_ds_config(cfg, d.batch_size * num_views(d, True), plan.grad_accum if plan else 1, world_size,
                              "cuda" if torch.cuda.is_available() else "cpu")
     except (FileNotFoundError, ValueError) as err:
         problems.append(f"engine.ds_config: {err}")
     if problems:
         raise ConfigError("s4v train: cannot start:\n  - " + "\n  - ".join(problems))
+
+
+def batch_plan(cfg: ExperimentConfig, world_size: int) -> BatchPlan:
+    """The run's micro-batch, accumulation and global batch at this world size (raises BatchPlanError)."""
+    t = cfg.train
+    return plan_batches(cfg.data.batch_size, world_size, t.global_batch_size, t.grad_accum)
 
 
 def experiment_ds_config(cfg: ExperimentConfig, micro_batch: int, grad_accum: int, world_size: int,
@@ -86,9 +87,29 @@ def experiment_ds_config(cfg: ExperimentConfig, micro_batch: int, grad_accum: in
                            weight_decay=o.weight_decay, device_type=device_type, optimizer=o.optimizer)
 
 
+def num_classes_problem(num_classes: int | str, classes: list[str], split: str) -> str | None:
+    """Why model.num_classes does not fit the train index's class list, or None."""
+    if num_classes == "auto":
+        if not classes:
+            return (f"model.num_classes: auto takes the class count from the {split!r} index, which lists no "
+                    "classes; set model.num_classes")
+    elif classes and num_classes != len(classes):
+        effect = (f"labels >= {num_classes} would be skipped" if num_classes < len(classes)
+                  else f"{num_classes - len(classes)} outputs would never be trained")
+        return (f"model.num_classes={num_classes} but split {split!r} has {len(classes)} classes: {effect}; "
+                "use model.num_classes=auto (the index's count)")
+    return None
+
+
 def with_label_range(cfg: ExperimentConfig) -> ExperimentConfig:
-    """Recognition: the loaders skip (and count) labels outside [0, model.num_classes) instead of
-    handing the loss a wrong class or an index error."""
+    """Recognition: `model.num_classes: auto` becomes the train index's class count, and the loaders
+    skip (and count) labels outside [0, model.num_classes) instead of handing the loss a wrong class or
+    an index error. Call after `preflight`, which checks the index."""
+    if cfg.task == "recognition" and cfg.model.num_classes == "auto":
+        from s4v.data.format import SplitIndex
+
+        count = len(SplitIndex.load(cfg.data.root, cfg.data.train_split).classes)
+        cfg.model = dataclasses.replace(cfg.model, num_classes=count)
     if cfg.task == "recognition" and cfg.data.num_classes is None:
         cfg.data = dataclasses.replace(cfg.data, num_classes=cfg.model.num_classes)
     return cfg

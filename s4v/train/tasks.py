@@ -125,9 +125,11 @@ class RecognitionTask:
                 "val_mean_class_acc": report["mean_class_acc"]}
 
     def export(self, trainer) -> Optional[Path]:
+        from s4v.data.format import SplitIndex
         from s4v.model.checkpoint_io import save_model
 
-        return _export(trainer, lambda path: save_model(trainer.model, path,
+        classes = SplitIndex.load(self.cfg.data.root, self.cfg.data.train_split).classes  # kept for `s4v eval`
+        return _export(trainer, lambda path: save_model(trainer.model, path, classes=classes,
                                                         include_backbone=self.cfg.model.pretrained is None))
 
 

@@ -3,7 +3,7 @@ import pytest
 
 from tests._video_fixtures import Spec, write_split
 
-from tests._train_fixtures import NUM_CLASSES, write_tiny_shards
+from tests._train_fixtures import CLASSES, NUM_CLASSES, write_tiny_shards
 
 
 @pytest.fixture(scope="session")
@@ -19,5 +19,5 @@ def shards_with_bad_label(tmp_path_factory):
     shards = [[Spec(f"t{s}_{i}", 12, (s * 7 + i) % NUM_CLASSES, height=32, width=32) for i in range(7 if s < 2 else 6)]
               for s in range(4)]
     shards[2][3] = Spec("bad_label", 12, 9, height=32, width=32)
-    write_split(root, "train", shards)
+    write_split(root, "train", shards, classes=CLASSES)
     return root
