@@ -2,6 +2,10 @@
 message that names the key to fix: unknown key, wrong type, missing config/data/weights/DS JSON,
 a mismatched backbone checkpoint, a world size that the DS JSON's batch or the data cannot serve."""
 import json
+import os
+import re
+import subprocess
+import sys
 import time
 
 import pytest
@@ -11,7 +15,7 @@ from s4v.config import ConfigError
 from s4v.experiment import load_experiment
 from s4v.train.preflight import preflight
 
-from ._common import launch, overrides
+from ._common import REPO, launch, overrides
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -111,3 +115,66 @@ def test_cli_fails_fast_before_any_heavy_work(clean_shards, tmp_path):
     assert "deepspeed" not in run.output.lower()
     assert not (tmp_path / "run").exists()
     assert time.time() - t0 < 60
+
+
+# ------------------------------------------------------------------- zero / nonsense values, YAML files
+@pytest.mark.parametrize("override,key", [
+    ("train.epochs=0", "train.epochs"), ("train.max_steps=0", "train.max_steps"),
+    ("model.num_frames=0", "model.num_frames"), ("model.num_classes=0", "model.num_classes"),
+    ("data.batch_size=0", "data.batch_size"), ("optim.lr=-0.001", "optim.lr"), ("optim.lr=0", "optim.lr"),
+    ("optim.label_smoothing=1.5", "optim.label_smoothing"), ("train.keep_checkpoints=0", "train.keep_checkpoints"),
+    ("train.log_every_steps=0", "train.log_every_steps"), ("eval.max_skip_fraction=2", "eval.max_skip_fraction"),
+])
+def test_zero_and_nonsense_values_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=rf"^{re.escape(key)} must be "):
+        load_experiment(None, [override])
+
+
+def test_yaml_with_a_duplicate_key_or_binary_content_names_file_and_key(tmp_path):
+    dup = tmp_path / "dup.yaml"  # the second `model:` block would silently replace the first
+    dup.write_text("model:\n  name: s4v_tiny\ntrain:\n  epochs: 2\nmodel:\n  num_frames: 4\n")
+    with pytest.raises(ConfigError, match=rf"{re.escape(str(dup))}: duplicate key 'model' on line 5 \(first on line 1\)"):
+        load_experiment(str(dup))
+    binary = tmp_path / "weights.yaml"
+    binary.write_bytes(b"PK\x03\x04" + bytes(range(256)) * 4)
+    with pytest.raises(ConfigError, match=rf"config file {re.escape(str(binary))} is not a YAML text file"):
+        load_experiment(str(binary))
+
+
+def _s4v(*args) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    return subprocess.run([sys.executable, "-m", "s4v.cli.main", *map(str, args)], cwd=REPO, capture_output=True,
+                          text=True, timeout=60, env=dict(env, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO)))
+
+
+def test_cli_config_errors_are_one_line_without_traceback(clean_shards, tmp_path):
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("model:\n  name: s4v_tiny\nmodel:\n  num_frames: 4\n")
+    for args, expected in (([dup], f"{dup}: duplicate key 'model'"), (["train.epochs=0"], "train.epochs must be >= 1"),
+                           (overrides(tmp_path / "nope", tmp_path, "run"), "data.root: no folder")):
+        got = _s4v("train", *args)
+        assert got.returncode == 2 and "Traceback" not in got.stderr, got.stderr[-2000:]
+        assert expected in got.stderr and got.stderr.count("s4v train:") == 1, got.stderr  # no doubled prefix
+
+
+def test_unusable_weights_file_stops_training_with_one_message(clean_shards, tmp_path):
+    """model.pretrained that is not a weights file: 'not a weights file: PATH (...)', rc 2, no traceback
+    and no advice to load it with weights_only=False."""
+    bad = tmp_path / "ViT-B-16.pt"
+    bad.write_text("<html>404 Not Found</html>\n")
+    run = launch(overrides(clean_shards, tmp_path, "run", **{"model.pretrained": str(bad)}), timeout=120)
+    assert run.returncode == 2, run.tail()
+    assert f"s4v train: not a weights file: {bad} (" in run.stderr, run.tail()
+    assert "Traceback" not in run.stderr and "weights_only" not in run.stderr
+
+
+def test_build_probes_are_quiet():
+    """DeepSpeed's op builders log test compiles (compilers.C.base: gcc ...) and torch its CUDA_HOME guess
+    at every start; s4v train keeps them out of the log."""
+    import logging
+
+    from s4v.train.main import quiet_build_probes
+
+    quiet_build_probes()
+    assert not logging.getLogger("compilers.C.base").isEnabledFor(logging.INFO)
+    assert not logging.getLogger("torch.utils.cpp_extension").isEnabledFor(logging.WARNING)
