@@ -34,7 +34,11 @@ def build(stage: int, dtype: str, world: int):
     if world > 1:
         convert_sync_token_bn(model.side)
         convert_sync_token_bn(model.head)
-    optim = SimpleNamespace(optimizer="adamw", lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05)
+    # eps 1e-3, not 1e-8: biases in front of a norm get float-noise gradients (~1e-9) that differ with
+    # the ranks' reduction order (as do real gradients, by ~1e-4 relative, through the synced norms),
+    # and Adam with a tiny eps turns noise into lr-sized steps; with 1e-3 such differences stay below
+    # 1e-6 while real gradients (1e-5..1e-3) still move the weights by up to ~lr/10.
+    optim = SimpleNamespace(optimizer="adamw", lr=1e-2, betas=(0.9, 0.999), eps=1e-3, weight_decay=0.05)
     base = load_ds_json(f"ds_configs/zero{stage}_{dtype}.json")
     ds = build_ds_config(base, micro_batch=GLOBAL_BATCH // world, grad_accum=1, world_size=world, grad_clip=1.0,
                          lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay,
