@@ -211,7 +211,7 @@ class Trainer:
         mode = self.cfg.train.resume
         if mode == "none":
             return
-        ckpt_dir, tag = checkpoint.resolve_resume(self.ckpt_dir if mode == "auto" else Path(mode))
+        ckpt_dir, tag = (self.ckpt_dir, None) if mode == "auto" else checkpoint.resolve_resume(Path(mode))
         loaded = checkpoint.load(self.engine, ckpt_dir, tag)
         if loaded is None:
             return
@@ -299,8 +299,8 @@ class Trainer:
                 if outcome.preempt:
                     self.save()
                     return "preempted"
-                if self.step >= self.max_steps:
-                    return "max_steps"
+                if self.step >= self.max_steps:  # the epoch's last step also ends the epoch
+                    return "epoch_end" if loader.batches_done + accum > loader.batches_in_epoch else "max_steps"
         finally:
             bar.close()
             close = getattr(batches, "close", None)
