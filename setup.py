@@ -15,7 +15,6 @@ setup(
         "torchvision",
         "open_clip_torch>=3.0",  # never the [training] extra: it pins webdataset<=0.2.86
         "deepspeed>=0.14",
-        "webdataset>=0.2.90",
         "pyyaml",
         "tensorboard",
         "av",  # PyAV: transcoding in data_prep and clip validation

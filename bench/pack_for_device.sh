@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Packs what a bare lent GPU machine needs for bench/gpu_session.sh. That machine has Python 3.12 and
 # torch with CUDA, nothing else, and cannot reach a package index; one call carries at most 64 MiB.
-#   .whl/           the wheels of open_clip, timm, webdataset, DeepSpeed (no ops built), PyAV and their
+#   .whl/           the wheels of open_clip, timm, DeepSpeed (no ops built), PyAV and their
 #                   small dependencies, for CPython 3.12 (carried as `carry: [".whl"]`; installed there
 #                   with `pip install --no-index --no-deps --target /tmp/site .whl/*.whl`).
 #   .gpu/p1..pN/    DALI from this machine's .venv (its Python 3.12 bindings, nvimgcodec, nvcomp and the
@@ -25,7 +25,7 @@ wheels() {
   local get=($PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp
              --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
              -d .whl)
-  "${get[@]}" open_clip_torch==3.3.0 timm==1.0.31 ftfy wcwidth webdataset==1.0.2 braceexpand hjson \
+  "${get[@]}" open_clip_torch==3.3.0 timm==1.0.31 ftfy wcwidth hjson \
     pydantic==2.14.4 pydantic-core==2.50.5 annotated-types typing-inspection av==18.1.0 libcst nvtx \
     astunparse six packaging gast makefun optree
   [ -n "$(ls .whl/deepspeed-*.whl 2>/dev/null)" ] || DS_BUILD_OPS=0 $PY -m pip wheel -q --no-deps deepspeed==0.19.8 -w .whl

@@ -3,7 +3,7 @@
     python -m data_prep.synthetic --out DIR [--train 3000 --val 500 --size 32 --frames 8
                                              --codec h264|vp9 --task pair4|dir4 --seed 0]
 
-Tasks (see shared/notes/demo-task.md):
+Tasks (the demo trains `pair4`, see the README's demo section):
 
 - `pair4` (default): two shapes, one moving horizontally and one vertically; the class is
   (horizontal direction, vertical direction). Every clip has one horizontal and one vertical

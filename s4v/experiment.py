@@ -109,7 +109,7 @@ class EngineConfig:
 
 @dataclass
 class RetrievalConfig:
-    """Text-video retrieval (task: retrieval; spec sections 5, 6.2, 7). `optim.lr` is the side-network lr."""
+    """Text-video retrieval (task: retrieval; README, Text-video retrieval). `optim.lr` is the side-network lr."""
 
     max_words: int = 32  # text tokens incl. SOT/EOT (longer captions are cut)
     interaction: Literal["wti", "mean"] = "wti"  # WTI token-wise similarity, or mean-pooled cosine
