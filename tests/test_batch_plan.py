@@ -62,3 +62,20 @@ def test_elastic_plan_without_segments_is_the_normal_plan_and_deal_is_even():
     parts = [deal(np.arange(10), 3, r, 2) for r in range(3)]
     assert [p.shape for p in parts] == [(1, 2)] * 3  # 10 over 3 ranks: 3 each, one whole batch of 2
     assert len(untrained_after(TABLE, 1, 0, 8, [{"world_size": 2, "batch_size": 4, "done": [0, 0]}])) == 48
+
+
+def test_preflight_refuses_an_indivisible_global_batch(tmp_path):
+    """At start-up, before any model or data work: the error names the key and the batch sizes that work."""
+    from s4v.config import ConfigError
+    from s4v.experiment import load_experiment
+    from s4v.train.preflight import preflight
+    from tests._train_fixtures import tiny_overrides, write_tiny_shards
+
+    root = write_tiny_shards(tmp_path / "shards")
+    cfg = load_experiment(None, tiny_overrides(root, tmp_path, "run", **{"train.global_batch_size": 12}))
+    preflight(cfg, world_size=2)  # 12 = 2 x 3 x 2
+    with pytest.raises(ConfigError, match=r"global_batch_size=12 is not a multiple .* work on 4 ranks: 1, 3"):
+        preflight(cfg, world_size=4)
+    cfg.train.grad_accum = 2
+    with pytest.raises(ConfigError, match=r"train.grad_accum=2 but .* needs 3"):
+        preflight(cfg, world_size=2)
