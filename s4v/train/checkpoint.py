@@ -391,10 +391,12 @@ def _init_optimizer_state(engine, state: dict[str, Any]) -> None:
     base = _base_optimizer(engine)
     keys = sorted(next(iter(state["optimizer"].values())))
     step = state["optimizer_step"]
-    for group in base.param_groups:
-        for flat in group["params"]:
-            entry = base.state[flat]
-            entry["step"] = step.clone() if torch.is_tensor(step) else step
-            for key in keys:
-                entry[key] = torch.zeros_like(flat)
+    opt = engine.optimizer  # the fp32 partitions the base optimizer steps (ZeRO-3, ZeRO-1/2, none)
+    flats = (getattr(opt, "fp32_partitioned_groups_flat", None) or getattr(opt, "single_partition_of_fp32_groups", None)
+             or [p for group in base.param_groups for p in group["params"]])
+    for flat in flats:
+        entry = base.state[flat]
+        entry["step"] = step.clone() if torch.is_tensor(step) else step
+        for key in keys:
+            entry[key] = torch.zeros_like(flat)
     _link_optimizer_state(engine)
