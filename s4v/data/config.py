@@ -22,7 +22,7 @@ class DataConfig:
     train_split: str = "train"  # split name of the training shards
     val_split: str = "val"  # split name of the evaluation shards
     loader: Literal["dali", "pyav"] = "dali"  # decode engine; "pyav" is the no-DALI fallback
-    device: Literal["gpu", "cpu"] = "gpu"  # DALI decode device: "gpu" = mixed (NVDEC), "cpu" = libavcodec (VP8/VP9/MJPEG only)
+    device: Literal["gpu", "cpu"] = "gpu"  # DALI decode device: "gpu" = mixed (NVDEC), "cpu" = VP8/VP9/MJPEG only (s4v/data/codecs.py)
 
     # --- temporal sampling
     num_frames: int = 8  # T, frames per clip
@@ -40,7 +40,7 @@ class DataConfig:
     flip_prob: float = 0.5  # probability of the horizontal flip
     flip_label_swap: list[list[int]] = field(default_factory=list)  # [a, b] class pairs swapped when flipped (SSv2: [[86,87],[93,94],[166,167]])
     grayscale_prob: float = 0.2  # random grayscale probability (train; SS recipe: 0)
-    rand_augment: Optional[str] = None  # timm-style spec, e.g. "rand-m7-n4-mstd0.5-inc1"; same ops for every frame
+    rand_augment: Optional[str] = None  # timm-style spec, e.g. "rand-m7-n4-mstd0.5-inc1"; same ops for every frame; each drawn op applied with p 0.5 ("-pX" changes it)
     rand_augment_translate: int = 115  # RandAugment max translation in pixels (0.45 * 256)
     repeated_aug: int = 1  # augmented copies of each training video per batch (SS recipe: 2)
     mean: tuple[float, float, float] = CLIP_MEAN  # per-channel mean (0..1 scale)
