@@ -26,7 +26,8 @@ def class_list_difference(expected: Sequence[str], got: Sequence[str]) -> Option
     moved = [(i, a, b) for i, (a, b) in enumerate(zip(expected, got)) if a != b]
     if moved:
         i, a, b = moved[0]
-        parts.append(f"label {i} is {b!r} instead of {a!r}" + (f" ({len(moved)} labels differ)" if len(moved) > 1 else ""))
+        more = f" ({len(moved)} labels differ)" if len(moved) > 1 else ""
+        parts.append(f"label {i} is {b!r} instead of {a!r}{more}")
     elif len(expected) != len(got):
         parts.append(f"{len(got)} classes instead of {len(expected)}")
     return "; ".join(parts)

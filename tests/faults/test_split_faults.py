@@ -48,7 +48,8 @@ def preflight_error(root: Path, out: Path, **extra) -> str:
 # ------------------------------------------------------------------------------------------ class lists
 def test_class_list_difference_names_the_classes():
     assert class_list_difference(["a", "b"], ["a", "b"]) is None
-    assert class_list_difference(["a", "b", "c"], ["b", "c"]) == "missing 'a'; label 0 is 'b' instead of 'a' (2 labels differ)"
+    assert (class_list_difference(["a", "b", "c"], ["b", "c"])
+            == "missing 'a'; label 0 is 'b' instead of 'a' (2 labels differ)")
     assert class_list_difference(["a", "b"], ["a", "b", "z"]) == "extra 'z'; 3 classes instead of 2"
     assert class_list_difference(["a", "b", "c"], ["a", "c", "b"]) == "label 1 is 'c' instead of 'b' (2 labels differ)"
 
