@@ -107,16 +107,16 @@ def main() -> None:
     snap = snapshot(engine)
     if info.is_main:
         torch.save(snap, out / "next.pt")
-    if args.export:
-        from s4v.train.tasks import RecognitionTask
+    if args.export:  # as RecognitionTask.export does
+        from s4v.model.checkpoint_io import save_model
+        from s4v.train.tasks import _export
 
-        task = RecognitionTask(SimpleNamespace(model=SimpleNamespace(pretrained=None)))
-        trainer = SimpleNamespace(engine=engine, model=model, info=info, run_dir=out, ckpt_dir=out / "none")
-        path = task.export(trainer)
+        trainer = SimpleNamespace(engine=engine, model=model, info=info, run_dir=out,
+                                  ckpt_dir=Path(args.save or out / "checkpoints"))
+        path = _export(trainer, lambda path: save_model(model, path, include_backbone=True))
         if info.is_main:
             os.replace(path, out / "model.pt")
             torch.save(snap["params"], out / "masters.pt")
-
 
 if __name__ == "__main__":
     main()

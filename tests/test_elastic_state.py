@@ -71,7 +71,7 @@ def test_next_step_after_elastic_load_matches_the_writer(elastic, n, m):
 def test_export_holds_fp32_master_weights(tmp_path, stage):
     """bf16 engine on 2 ranks: DeepSpeed casts the module to bf16 in place; the export must hold the
     fp32 masters (dtype and values), ZeRO-2 and ZeRO-3 (partitioned masters)."""
-    worker(2, tmp_path, "--stage", str(stage), "--dtype", "bf16", "--export")
+    worker(2, tmp_path, "--stage", str(stage), "--dtype", "bf16", "--export", "--save", str(tmp_path / "ckpt"))
     masters = torch.load(tmp_path / "masters.pt")
     sd = torch.load(tmp_path / "model.pt", weights_only=True)["state_dict"]
     exported = {k: v for k, v in sd.items() if k in masters}

@@ -167,9 +167,13 @@ def _folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
+def _size(n: int) -> str:
+    return f"{n / 2 ** 30:.2f} GiB" if n >= 2 ** 30 else f"{n / 2 ** 20:.1f} MiB"
+
+
 def _full_disk_message(err: OSError, ckpt_dir: Path, tag: str, previous: Optional[str], engine) -> str:
     try:
-        free = f"{shutil.disk_usage(ckpt_dir).free / 2 ** 30:.2f} GiB free"
+        free = f"{_size(shutil.disk_usage(ckpt_dir).free)} free"
     except OSError:
         free = "free space unknown"
     if previous is not None:
@@ -177,7 +181,7 @@ def _full_disk_message(err: OSError, ckpt_dir: Path, tag: str, previous: Optiona
     else:  # fp32 master + 2 Adam moments (+ the consolidated copy) + module weights
         need = sum(p.numel() for p in engine.module.parameters()) * (4 * 3 * 2 + 4)
     return (f"could not write checkpoint {tag} in {ckpt_dir}: {err} ({free}; a checkpoint takes about "
-            f"{need / 2 ** 30:.2f} GiB). The previous checkpoint ({previous or 'none'}) is intact; free "
+            f"{_size(need)}). The previous checkpoint ({previous or 'none'}) is intact; free "
             "space and resume.")
 
 
@@ -198,7 +202,8 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict[str, Any], rank_s
         engine.save_checkpoint(str(ckpt_dir), tag=work, client_state=state, save_latest=False)
         if is_main:
             atomic_torch_save(dict(consolidated, client_state=state), ckpt_dir / work / CONSOLIDATED)
-        _fsync_files(ckpt_dir / work)  # each rank flushes what it wrote (and the others' files: cheap)
+        barrier()  # every file written: then each rank flushes them all (its own included), cheaply
+        _fsync_files(ckpt_dir / work)
         barrier()
         if is_main:
             atomic_write_bytes(ckpt_dir / work / COMPLETE, _manifest(ckpt_dir / work, engine.world_size))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -9,18 +10,51 @@ from typing import Any, Optional
 
 import torch
 
+from s4v.fileio import atomic_write_bytes
+
+log = logging.getLogger(__name__)
+
 
 class MetricLogger:
     def __init__(self, run_dir: str | Path, enabled: bool = True):
         self.enabled = enabled
+        self.run_dir = Path(run_dir)
         self.writer = None
         self.jsonl = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            run_dir = Path(run_dir)
-            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
-            self.jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
+            self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+            self.jsonl = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
+
+    def rewind(self, step: int) -> None:
+        """Call after resuming from a checkpoint at `step`: the rows of later steps, logged by the
+        interrupted run, are dropped from metrics.jsonl (rewritten aside and renamed into place), and
+        TensorBoard purges its events after `step` (`purge_step`), so each step is logged once."""
+        if not self.enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        path = self.run_dir / "metrics.jsonl"
+        self.jsonl.close()
+        kept, dropped, torn = [], 0, 0
+        for line in path.read_text().splitlines():
+            try:
+                row_step = json.loads(line).get("step", -1)
+            except ValueError:  # a line cut by a crash
+                torn += 1
+                continue
+            if row_step > step:
+                dropped += 1
+            else:
+                kept.append(line + "\n")
+        if dropped or torn:
+            atomic_write_bytes(path, "".join(kept).encode())
+            log.info("metrics.jsonl: dropped %d rows after step %d (logged before the resume) and %d torn "
+                     "lines", dropped, step, torn)
+        self.jsonl = open(path, "a", buffering=1)
+        self.writer.close()
+        self.writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=step + 1)
 
     def log(self, step: int, values: dict[str, Any]) -> None:
         if not self.enabled:
