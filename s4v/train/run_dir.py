@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -12,9 +13,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from s4v.config import dump_config
+import yaml
+
+from s4v.config import config_to_dict, dump_config
 from s4v.fileio import atomic_write_bytes
 
+log = logging.getLogger(__name__)
 PACKAGES = ("s4v", "torch", "torchvision", "deepspeed", "open_clip_torch", "timm", "nvidia-dali-cuda130",
             "nvidia-dali-cuda120", "av", "numpy")
 
@@ -52,12 +56,12 @@ def versions() -> dict[str, str]:
 
 
 def write_run_description(run_dir: Path, cfg: Any, ds_config: dict, argv: list[str], batch: Any = None) -> None:
-    """Called on rank 0. Files are rewritten on resume (the first run's are kept as `*.first`)."""
+    """Called on rank 0. A resume into the same folder keeps every run's config (`keep_config`); the
+    other files are rewritten (the first run's command is kept as `command.txt.first`)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    for name in ("config.yaml", "command.txt"):
-        if (run_dir / name).is_file() and not (run_dir / f"{name}.first").exists():
-            shutil.copy2(run_dir / name, run_dir / f"{name}.first")
-    dump_config(with_absolute_paths(cfg, Path.cwd()), run_dir / "config.yaml")
+    if (run_dir / "command.txt").is_file() and not (run_dir / "command.txt.first").exists():
+        shutil.copy2(run_dir / "command.txt", run_dir / "command.txt.first")
+    keep_config(run_dir, with_absolute_paths(cfg, Path.cwd()))
     atomic_write_bytes(run_dir / "ds_config.json", json.dumps(ds_config, indent=2).encode())
     if batch is not None:  # the derived global batch and accumulation (s4v.train.batching.BatchPlan)
         numbers = {**dataclasses.asdict(batch), "global_batch": batch.global_batch}
@@ -72,6 +76,32 @@ def write_run_description(run_dir: Path, cfg: Any, ds_config: dict, argv: list[s
     script = os.environ.get("S4V_SBATCH_SCRIPT")
     if script and Path(script).is_file():
         shutil.copy2(script, run_dir / "sbatch_script.sh")
+
+
+def keep_config(run_dir: Path, cfg: Any) -> Path:
+    """Write `config.yaml`, or on a resume (it exists) `config.resume-K.yaml` (K = 1, 2, ...), logging
+    how the config differs from the previous run's. Returns the file written."""
+    resumes = sorted(int(p.stem.rsplit("-", 1)[1]) for p in run_dir.glob("config.resume-*.yaml")
+                     if p.stem.rsplit("-", 1)[1].isdigit())
+    if not resumes and not (run_dir / "config.yaml").is_file():
+        return dump_config(cfg, run_dir / "config.yaml")
+    previous = run_dir / (f"config.resume-{resumes[-1]}.yaml" if resumes else "config.yaml")
+    path = run_dir / f"config.resume-{(resumes[-1] if resumes else 0) + 1}.yaml"
+    for line in config_differences(yaml.safe_load(previous.read_text()) or {}, config_to_dict(cfg)):
+        log.warning("config changed on resume (%s -> %s): %s", previous.name, path.name, line)
+    return dump_config(cfg, path)
+
+
+def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """`key: old -> new` for every dotted key whose value differs (added and removed keys included)."""
+    out = []
+    for key in sorted(set(old) | set(new), key=str):
+        a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
 
 
 # ------------------------------------------------------------------- paths that must work from anywhere

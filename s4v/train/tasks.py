@@ -134,27 +134,34 @@ class RecognitionTask:
 
 
 def _export(trainer, save: Callable[[Path], None]) -> Path:
-    """Rebuild the model from the latest checkpoint's fp32 master weights (+ BN statistics) and save it
-    (rank 0). Loading it needs the tower's weights file too unless the tower was random."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    """Save the model (rank 0) with the engine's fp32 master weights: DeepSpeed's bf16/fp16 engines cast
+    the module in place, so `model.state_dict()` alone would hold low-precision copies. Engine-owned
+    floating buffers (BN statistics) are saved as float32. Loading it needs the tower's weights file
+    too unless the tower was random."""
+    from s4v.train.checkpoint import fp32_state
 
-    from s4v.train import checkpoint
-    from s4v.train.engine import full_parameters
-
-    barrier()
+    engine = trainer.engine
+    masters = fp32_state(engine)  # a collective: ZeRO gathers the partitions on every rank
+    by_id = {id(p): masters[name] for name, p in engine.module.named_parameters()}
+    owned_buffers = {id(b) for b in engine.module.buffers()}
     path = trainer.run_dir / "model_side_head.pt"
-    with full_parameters(trainer.engine):  # ZeRO-3: the model's own tensors hold partitions otherwise
-        if trainer.info.is_main:
-            tag = checkpoint.latest_tag(trainer.ckpt_dir)
-            sd = get_fp32_state_dict_from_zero_checkpoint(str(trainer.ckpt_dir), tag=tag)
-            model = trainer.model
-            # the frozen tower is as it was built (and maybe sharded): only the engine's parts are reloaded
-            model.load_state_dict(
-                {**{k: v.float() for k, v in sd.items()},
-                 **{k: v for k, v in trainer.engine.module.state_dict().items() if "running" in k
-                    or "num_batches_tracked" in k}}, strict=False)
+    if trainer.info.is_main:
+        model = trainer.model
+        fp32 = {name: by_id[id(p)] for name, p in model.named_parameters() if id(p) in by_id}
+        fp32.update({name: b.detach().float().cpu() for name, b in model.named_buffers()
+                     if id(b) in owned_buffers and b.is_floating_point()})
+
+        def use_fp32(module, state_dict, prefix, local_metadata) -> None:
+            for name, value in fp32.items():
+                if prefix + name in state_dict:
+                    state_dict[prefix + name] = value
+
+        handle = model.register_state_dict_post_hook(use_fp32)
+        try:
             save(path)
-            log.info("exported the trained model to %s", path)
+        finally:
+            handle.remove()
+        log.info("exported the trained model to %s", path)
     barrier()
     return path
 
