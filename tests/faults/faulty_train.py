@@ -7,9 +7,9 @@ fault hooks switched on by environment variables (each a no-op when unset):
   after writing the time of the kill to DIR/killed_at (DIR = S4V_FAULT_KEYLOG, or the cwd).
 - S4V_FAULT_USR1="RANK:STEP": that rank sends itself SIGUSR1 at the start of step STEP (preemption).
 - S4V_FAULT_NAN="3,5-7": the recognition loss is NaN at those steps (1-based).
-- S4V_FAULT_CKPT="MODE:STEP" (MODE kill | enospc): while checkpoint step_STEP is being written, the
-  first file is written half-way, then the process SIGKILLs itself (kill) or the write fails with
-  OSError(ENOSPC) (enospc, a full disk).
+- S4V_FAULT_CKPT="MODE:STEP" (MODE kill | enospc): while checkpoint step_STEP is being written (in its
+  temporary folder `step_STEP.tmp-*`), the first file is written half-way, then the process SIGKILLs
+  itself (kill) or the write fails with OSError(ENOSPC) (enospc, a full disk).
 """
 from __future__ import annotations
 
@@ -88,7 +88,7 @@ def install() -> None:
         orig_save = TorchCheckpointEngine.save
 
         def save(self, state_dict, path):
-            if f"/{tag}/" in str(path):
+            if f"/{tag}/" in str(path) or f"/{tag}.tmp-" in str(path):  # written aside, renamed when complete
                 buf = io.BytesIO()
                 torch.save(state_dict, buf)
                 with open(path, "wb") as f:  # a partial file, as a crash or a full disk leaves it

@@ -3,6 +3,7 @@ NaN losses. The previous checkpoint stays complete and `latest` never names a pa
 works; NaN/inf steps are skipped and counted, and K in a row stop training with a clear message."""
 import json
 import re
+import shutil
 
 import pytest
 
@@ -48,7 +49,7 @@ def disk_full_during_save(shards_with_bad_label, tmp_path_factory):
 def test_kill_while_saving_keeps_previous_checkpoint(killed_during_save):
     out, first, second, state = killed_during_save
     assert state["rc"] == -9, first.tail()  # really died, with the step-4 folder half written
-    assert state["partial"] == ["step_00000004"]
+    assert [p.split(".tmp-")[0] for p in state["partial"]] == ["step_00000004"]  # the temporary folder
     assert state["latest"] == "step_00000002" and state["complete"] == ["step_00000002"]
     assert state["latest_tag"] == "step_00000002"  # what a resume loads
     assert second.returncode == 0, second.tail()
@@ -75,6 +76,24 @@ def test_resumes_after_checkpoint_faults_agree(killed_during_save, disk_full_dur
     a = final_weights(ckpt_dir(killed_during_save[0], "run"))
     b = final_weights(ckpt_dir(disk_full_during_save[0], "run"))
     assert_same_weights(a, b)
+
+
+def test_broken_checkpoints_are_skipped_on_resume(killed_during_save, shards_with_bad_label, tmp_path):
+    """Optimizer file of the newest checkpoint deleted, model file of the next one truncated: the resume
+    names both and continues from the third newest (raw tracebacks before)."""
+    shutil.copytree(killed_during_save[0] / "run", tmp_path / "run")
+    ckpts = ckpt_dir(tmp_path, "run")
+    *_, third, second, newest = checkpoint.complete_tags(ckpts)
+    (ckpts / newest / "zero_pp_rank_0_mp_rank_00_optim_states.pt").unlink()
+    model = ckpts / second / "mp_rank_00_model_states.pt"
+    model.write_bytes(model.read_bytes()[: model.stat().st_size // 2])
+    run = launch(_args(shards_with_bad_label, tmp_path, "run"))
+    assert run.returncode == 0, run.tail()
+    assert f"checkpoint {ckpts / newest} is broken (zero_pp_rank_0_mp_rank_00_optim_states.pt is missing)" in run.output
+    assert re.search(rf"checkpoint {re.escape(str(ckpts / second))} is broken \(mp_rank_00_model_states.pt has \d+ "
+                     r"bytes, COMPLETE lists \d+", run.output)
+    assert re.search(rf"resumed from .* at epoch 0, step {int(third.removeprefix('step_'))}\b", run.output)
+    assert run.result()["step"] == STEPS
 
 
 def test_out_of_range_label_is_skipped_and_counted_in_training(killed_during_save):
