@@ -64,7 +64,8 @@ class OptimConfig:
 class TrainConfig:
     epochs: int = 30
     max_steps: Optional[int] = None  # stop after this many optimizer steps (the schedule still spans epochs)
-    grad_accum: int = 1  # micro-batches per optimizer step
+    global_batch_size: Optional[int] = None  # samples per optimizer step over all ranks (the recipe's); derives grad_accum
+    grad_accum: Optional[int] = None  # micro-batches per optimizer step (default 1, or derived from global_batch_size)
     seed: int = 1024  # each rank seeds with seed + rank
     output_dir: str = "runs"  # run directories go here
     run_name: Optional[str] = None  # default: <model>-job<SLURM_JOB_ID>, or <model>-<timestamp>
@@ -77,6 +78,7 @@ class TrainConfig:
     max_skip_fraction: float = 0.05  # stop if more than this share of training samples cannot be read
     deterministic: bool = False  # torch deterministic algorithms (slower; for exact-resume checks)
     export: bool = True  # write the side network + head (no backbone) at the end
+    log_samples: bool = False  # <run_dir>/samples/rank{R}.jsonl: epoch, step and sample keys of every micro-batch
 
     def validate(self) -> None:
         for name in ("epochs", "max_steps", "keep_checkpoints", "log_every_steps", "max_nonfinite_steps"):
