@@ -52,9 +52,9 @@ def install() -> None:
     nan = _steps(os.environ.get("S4V_FAULT_NAN", ""))
     ckpt = _pair("S4V_FAULT_CKPT")
 
-    orig_step = loop.Trainer.train_step
+    orig_step = loop.Trainer.micro_step
 
-    def train_step(self, batch):
+    def micro_step(self, batch, last):
         step = self.step + 1  # the optimizer step this micro-batch belongs to
         if keylog:
             keys = [k for k, v in zip(batch["key"], batch["valid"].tolist()) if v]
@@ -65,9 +65,9 @@ def install() -> None:
             os.kill(os.getpid(), signal.SIGKILL)
         if usr1 and int(usr1[0]) == rank and step == usr1[1]:
             os.kill(os.getpid(), signal.SIGUSR1)
-        return orig_step(self, batch)
+        return orig_step(self, batch, last)
 
-    loop.Trainer.train_step = train_step
+    loop.Trainer.micro_step = micro_step
 
     if nan:
         orig_loss = tasks.RecognitionTask.loss

@@ -63,7 +63,7 @@ def test_preflight_lists_every_problem(clean_shards, tmp_path):
     ({"data.train_split": "trian"}, r"no split index .*trian-index.json"),
     ({"engine.ds_config": "ds_configs/nope.json"}, r"engine.ds_config: DeepSpeed config 'ds_configs/nope.json' not found"),
     ({"engine.ds_config": "ds_configs/zero2_fp16.json"}, r"fp16 training needs a GPU"),
-    ({"train.grad_accum": 4, "data.batch_size": 4}, r"give 3 batches per rank per epoch, fewer than train.grad_accum=4"),
+    ({"train.grad_accum": 4, "data.batch_size": 4}, r"give 3 batches per rank per epoch, fewer than the 4 micro-batches of an optimizer step"),
 ])
 def test_preflight_names_the_key(clean_shards, tmp_path, extra, match):
     if torch.cuda.is_available() and "fp16" in match:
