@@ -44,7 +44,8 @@ def test_config_prints_the_resolved_experiment(capsys):
     cfg = yaml.safe_load(capsys.readouterr().out)
     recipe = yaml.safe_load((REPO / "ds_configs/experiments/demo_tiny.yaml").read_text())
     assert cfg["train"]["epochs"] == 3 and cfg["optim"]["lr"] == 2e-3
-    assert cfg["model"]["name"] == recipe["model"]["name"] and cfg["data"]["batch_size"] == recipe["data"]["batch_size"]
+    assert cfg["model"]["name"] == recipe["model"]["name"]
+    assert cfg["data"]["batch_size"] == recipe["data"]["batch_size"]
     assert cfg["eval"]["max_skip_fraction"] == 0.01  # defaults filled in
 
     assert s4v_main(["config", "train.epochs=0"]) == 2

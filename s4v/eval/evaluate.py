@@ -2,8 +2,9 @@
 
 A batch holds `video` `[B, V, T, 3, H, W]` (V = spatial crops x temporal clips) or `[B, T, 3, H, W]`,
 `label` `[B]`, `key` (sample keys) and `valid` (False for padding and failed samples). Softmax scores
-are averaged over views (official test protocol); the videos that failed are counted and listed. Ranks may see padded duplicates at the end of an epoch; results are gathered by key, so
-every sample counts exactly once.
+are averaged over views (official test protocol). Ranks may see padded duplicates at the end of an
+epoch; results are gathered by key, so every sample counts exactly once. The videos that failed to
+read are counted and listed (s4v.eval.skips).
 """
 from __future__ import annotations
 

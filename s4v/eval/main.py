@@ -103,7 +103,7 @@ def _check_data(cfg, run_dir: Optional[Path]) -> None:
     from s4v.data.format import INDEX_NAME
 
     root = cfg.data.root
-    hint = (f" (the path of the run's config.yaml; pass data.root=... to evaluate from another copy)"
+    hint = (" (the path of the run's config.yaml; pass data.root=... to evaluate from another copy)"
             if run_dir else " (set data.root=... or pass the experiment's CONFIG.yaml)")
     if not root or not Path(root).is_dir():
         raise ConfigError(f"data.root: no folder {root!r}{hint}")

@@ -113,7 +113,8 @@ def test_old_run_dir_with_relative_paths_evaluates_from_another_folder(setup):
 def test_launch_dir_of_old_and_new_command_txt(tmp_path):
     from s4v.train.run_dir import launch_dir
 
-    (tmp_path / "command.txt").write_text("python -m s4v.train a.yaml\n\nSLURM_JOB_ID=3\nSLURM_SUBMIT_DIR=/home/u/s4v\n")
+    old = "python -m s4v.train a.yaml\n\nSLURM_JOB_ID=3\nSLURM_SUBMIT_DIR=/home/u/s4v\n"
+    (tmp_path / "command.txt").write_text(old)
     assert launch_dir(tmp_path) == Path("/home/u/s4v")  # before the cwd line: Slurm's submit directory
     (tmp_path / "command.txt").write_text("python -m s4v.train a.yaml\ncwd: /work/x\n\nSLURM_SUBMIT_DIR=/home/u\n")
     assert launch_dir(tmp_path) == Path("/work/x")
