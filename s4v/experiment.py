@@ -40,11 +40,11 @@ class OptimConfig:
     lr: float = 1e-3  # peak learning rate (after warmup)
     weight_decay: float = 0.15  # AdamW decay, on every trainable parameter by default (official recipe)
     no_decay_norm_bias: bool = False  # exclude biases, norms and position embeddings from decay
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
+    betas: tuple[float, float] = (0.9, 0.999)  # Adam moment decay rates
+    eps: float = 1e-8  # Adam denominator epsilon
     warmup_epochs: float = 4.0  # linear warmup from 0, in epochs
     min_lr_ratio: float = 0.0  # cosine ends at lr * min_lr_ratio
-    label_smoothing: float = 0.1
+    label_smoothing: float = 0.1  # cross-entropy label smoothing (recognition)
     grad_clip: float = 1.0  # global gradient-norm clipping (0: off)
     optimizer: Literal["adamw", "bertadam"] = "adamw"  # bertadam: the official retrieval optimiser (no bias correction)
     schedule: Literal["cosine", "cosine_global"] = "cosine"  # cosine_global: cos over global progress (CLIP4Clip)
@@ -62,7 +62,7 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 30
+    epochs: int = 30  # passes over the training split (>= 1)
     max_steps: Optional[int] = None  # stop after this many optimizer steps (the schedule still spans epochs)
     global_batch_size: Optional[int] = None  # samples per optimizer step over all ranks (the recipe's); derives grad_accum
     grad_accum: Optional[int] = None  # micro-batches per optimizer step (default 1, or derived from global_batch_size)
@@ -72,7 +72,7 @@ class TrainConfig:
     resume: str = "auto"  # "auto": latest checkpoint of the run dir if any; "none"; or a checkpoint folder
     ckpt_every_steps: int = 0  # also checkpoint every N steps (0: only at epoch ends)
     keep_checkpoints: int = 3  # complete checkpoints kept
-    log_every_steps: int = 10
+    log_every_steps: int = 10  # optimizer steps between metric rows
     sync_bn: bool = True  # BatchNorm statistics over all ranks
     max_nonfinite_steps: int = 20  # stop after this many consecutive NaN/inf losses
     max_skip_fraction: float = 0.05  # stop if more than this share of training samples cannot be read
@@ -106,7 +106,7 @@ class EvalConfig:
 @dataclass
 class EngineConfig:
     ds_config: str = "ds_configs/zero2_bf16.json"  # DeepSpeed JSON: engine settings only
-    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    backend: Literal["auto", "nccl", "gloo"] = "auto"  # process group: auto = NCCL on GPUs, gloo on the CPU
 
 
 @dataclass
@@ -132,7 +132,7 @@ class RetrievalConfig:
 
 @dataclass
 class ExperimentConfig:
-    task: Literal["recognition", "retrieval"] = "recognition"
+    task: Literal["recognition", "retrieval"] = "recognition"  # classifier, or text-video retrieval
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
