@@ -95,3 +95,30 @@ def test_elastic_resume_trains_every_sample_once(shards, tmp_path, stage, before
     assert rest["status"] == "finished" and rest["step"] == rest["ds_optimizer_steps"] == 3
     _assert_every_sample_once(rest["run_dir"], [0])
     assert sorted(losses(rest["run_dir"])) == [1, 2, 3]
+
+
+def test_resume_with_another_global_batch_or_class_list_is_refused(shards, tmp_path, uninterrupted):
+    """A checkpoint continues the same optimisation on the same labels, or the run stops at resume (rc 2)."""
+    import json
+    import shutil
+    import subprocess
+
+    from tests._train_fixtures import REPO, python_cmd
+
+    def resume(root, **extra):
+        out = tmp_path / f"out{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(uninterrupted["run_dir"], out / "full")
+        args = tiny_overrides(root, out, "full", **{**ACCUM, "train.epochs": 3, **extra})
+        return subprocess.run(python_cmd(1, "-m", "s4v.train", *args), cwd=REPO, capture_output=True, text=True,
+                              timeout=300, env={**__import__("os").environ, "DS_ACCELERATOR": "cpu"})
+
+    proc = resume(shards, **{"train.global_batch_size": 4})
+    assert proc.returncode == 2 and "trained with a global batch of 8 samples" in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    renamed = tmp_path / "renamed"
+    shutil.copytree(shards, renamed)
+    index = json.loads((renamed / "train-index.json").read_text())
+    index["classes"] = list(reversed(index["classes"]))
+    (renamed / "train-index.json").write_text(json.dumps(index))
+    proc = resume(renamed)
+    assert proc.returncode == 2 and "another class list" in proc.stderr and "label 0 is" in proc.stderr, proc.stderr[-2000:]

@@ -21,6 +21,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from s4v.config import ConfigError
+from s4v.data.classes import class_list_difference
+from s4v.data.format import SplitIndex
 from s4v.data.loader import build_loader
 from s4v.experiment import ExperimentConfig
 from s4v.train import checkpoint
@@ -198,7 +201,7 @@ class Trainer:
             return
         client = {"epoch": self.epoch, "step": self.step, "best_top1": self.best_top1,
                   "nonfinite_total": self.nonfinite_total, "global_batch": self.plan.global_batch,
-                  "ds_optimizer_steps": ds_optimizer_steps(self.engine)}
+                  "ds_optimizer_steps": ds_optimizer_steps(self.engine), "classes": self.train_classes()}
         rank_state = {"loader": self.train_loader.state_dict(), "rng": checkpoint.rng_state()}
         if self.lineage:
             rank_state["lineage_bytes"] = self.lineage.flush()
@@ -216,11 +219,7 @@ class Trainer:
         if loaded is None:
             return
         client, rank_states = loaded
-        saved_global = client.get("global_batch")
-        if saved_global is not None and saved_global != self.plan.global_batch:
-            raise ValueError(f"the checkpoint was trained with a global batch of {saved_global} samples, this run "
-                             f"gives {self.plan.global_batch} ({self.plan.describe()}); set "
-                             f"train.global_batch_size={saved_global} to continue the same optimisation")
+        self.check_resumable(client)
         self.epoch, self.step = client["epoch"], client["step"]
         self.best_top1 = client.get("best_top1", float("nan"))
         self.nonfinite_total = client.get("nonfinite_total", 0)
@@ -237,6 +236,22 @@ class Trainer:
             self.logger.rewind(self.step)
         self.saved_state = self.state_key()
         log.info("resumed from %s at epoch %d, step %d", ckpt_dir, self.epoch, self.step)
+
+    def check_resumable(self, client: dict) -> None:
+        """A checkpoint continues the same optimisation on the same labels, or the run stops (rc 2)."""
+        saved_global = client.get("global_batch")
+        if saved_global is not None and saved_global != self.plan.global_batch:
+            raise ConfigError(f"the checkpoint was trained with a global batch of {saved_global} samples, this run "
+                              f"gives {self.plan.global_batch} ({self.plan.describe()}); set "
+                              f"train.global_batch_size={saved_global} to continue the same optimisation")
+        saved_classes, classes = client.get("classes"), self.train_classes()
+        diff = saved_classes and classes and class_list_difference(saved_classes, classes)
+        if diff:
+            raise ConfigError(f"the checkpoint was trained on another class list than split "
+                              f"{self.cfg.data.train_split!r} under {self.cfg.data.root}: {diff}")
+
+    def train_classes(self) -> list[str]:
+        return list(SplitIndex.load(self.cfg.data.root, self.cfg.data.train_split).classes or [])
 
     # ------------------------------------------------------------------------------------- evaluation
     def evaluate(self, full_views: bool) -> dict:
