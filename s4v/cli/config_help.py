@@ -37,9 +37,10 @@ def describe_config(cfg) -> str:
     hints = typing.get_type_hints(type(cfg))
     top = [(f.name, getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
            if not dataclasses.is_dataclass(getattr(cfg, f.name))]
-    out = []
+    out, comments = [], field_comments(type(cfg))
     for name, value in top:
-        out.append(f"{name} = {value!r}  ({_type(hints[name])})")
+        note = comments.get(name) or _type(hints[name])
+        out.append(f"{name} = {value!r}  # {note}")
     for section, obj in _sections(cfg):
         doc = (type(obj).__doc__ or "").strip().splitlines()
         title = doc[0] if doc and not doc[0].startswith(type(obj).__name__ + "(") else ""
