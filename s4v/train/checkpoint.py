@@ -318,21 +318,25 @@ def _link_optimizer_state(engine) -> None:
             lazy_init_hp_params_optimizer_state(lp_params, flat, opt.optimizer.state)
 
 
-def fp32_state(engine) -> dict[str, torch.Tensor]:
+def fp32_state(engine, rank0_only: bool = False) -> dict[str, torch.Tensor]:
     """The engine's fp32 master weights by parameter name, on the CPU (all ranks must call it: ZeRO
-    gathers the partitions). Without a ZeRO master copy, the module's own weights in float32."""
+    gathers the partitions; with `rank0_only` the other ranks return {}). Without a ZeRO master copy,
+    the module's own weights in float32."""
     from deepspeed.utils import safe_get_full_fp32_param
 
+    keep = not rank0_only or engine.global_rank == 0
     out = {}
     for name, p in engine.module.named_parameters():
         full = safe_get_full_fp32_param(p) if p.requires_grad else None
-        out[name] = (full if full is not None else p.detach()).float().cpu().clone()
+        if keep:
+            out[name] = (full if full is not None else p.detach()).float().cpu().clone()
     return out
 
 
 def consolidated_state(engine) -> dict[str, Any]:
     """Everything trainable, by parameter name and independent of the world size: fp32 master weights,
-    optimizer moments and step, buffers, LR scheduler, the engine's counters (a collective)."""
+    optimizer moments and step, buffers, LR scheduler, the engine's counters. A collective; the
+    tensors are kept on rank 0 only."""
     from deepspeed.utils import safe_get_full_optimizer_state
 
     base = _base_optimizer(engine)
@@ -341,11 +345,14 @@ def consolidated_state(engine) -> dict[str, Any]:
     moments: dict[str, dict[str, torch.Tensor]] = {}
     if keys:
         _link_optimizer_state(engine)
+    keep = engine.global_rank == 0  # the others only take part in the gathers
     for name, p in engine.module.named_parameters():
         if p.requires_grad and keys:
-            moments[name] = {k: safe_get_full_optimizer_state(p, k).float().cpu().clone() for k in keys}
+            full = {k: safe_get_full_optimizer_state(p, k) for k in keys}
+            if keep:
+                moments[name] = {k: v.float().cpu().clone() for k, v in full.items()}
     step = first.get("step") if first else None
-    return {"format": "s4v-fp32-state", "params": fp32_state(engine),
+    return {"format": "s4v-fp32-state", "params": fp32_state(engine, rank0_only=True),
             "buffers": {k: v.detach().cpu().clone() for k, v in engine.module.named_buffers()},
             "optimizer": moments, "optimizer_step": step.clone() if torch.is_tensor(step) else step,
             "scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None,

@@ -141,11 +141,11 @@ def _export(trainer, save: Callable[[Path], None]) -> Path:
     from s4v.train.checkpoint import fp32_state
 
     engine = trainer.engine
-    masters = fp32_state(engine)  # a collective: ZeRO gathers the partitions on every rank
-    by_id = {id(p): masters[name] for name, p in engine.module.named_parameters()}
-    owned_buffers = {id(b) for b in engine.module.buffers()}
+    masters = fp32_state(engine, rank0_only=True)  # a collective: ZeRO gathers the partitions
     path = trainer.run_dir / "model_side_head.pt"
     if trainer.info.is_main:
+        by_id = {id(p): masters[name] for name, p in engine.module.named_parameters()}
+        owned_buffers = {id(b) for b in engine.module.buffers()}
         model = trainer.model
         fp32 = {name: by_id[id(p)] for name, p in model.named_parameters() if id(p) in by_id}
         fp32.update({name: b.detach().float().cpu() for name, b in model.named_buffers()
