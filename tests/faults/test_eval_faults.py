@@ -77,6 +77,7 @@ def tensorboard_scalar(logdir: Path, tag: str) -> float:
     return acc.Scalars(tag)[-1].value
 
 
+@pytest.mark.slow
 def test_eval_counts_unreadable_videos_and_fails_beyond_max_skip_fraction(setup):
     run = run_dir(setup, "run_abs", "model.pt", "python -m s4v.train\n", root=str(setup.root))
     failed = s4v_cli("eval", run, cwd=setup.base)  # default eval.max_skip_fraction=0.01: 1 of 8 is too many
@@ -97,6 +98,7 @@ def test_eval_counts_unreadable_videos_and_fails_beyond_max_skip_fraction(setup)
     assert tensorboard_scalar(run / "tensorboard" / "eval", "eval/num_samples") == 8
 
 
+@pytest.mark.slow
 def test_old_run_dir_with_relative_paths_evaluates_from_another_folder(setup):
     """config.yaml of an older run holds data.root and model.pretrained as given (relative to where the
     run started); they are resolved against the launch directory in command.txt."""
@@ -157,6 +159,7 @@ def fake_trainer(setup, max_skip: float):
                            save=lambda: saved.append(5), saved=saved)
 
 
+@pytest.mark.slow
 def test_in_training_evaluation_counts_unreadable_and_stops_after_saving(setup):
     from s4v.eval.skips import EvalSkipError
     from s4v.train.tasks import RecognitionTask
@@ -222,6 +225,7 @@ def test_not_a_weights_file_is_one_clear_error(not_weights, name):
         assert "weights_only" not in str(err.value)
 
 
+@pytest.mark.slow
 def test_cli_rejects_unusable_weights_files_without_traceback(setup, not_weights):
     garbage = not_weights / "garbage.pt"
     got = s4v_cli("eval", garbage, *overrides(str(setup.root)), cwd=setup.base)
