@@ -2,8 +2,11 @@
 checkpoint.py, that imports DeepSpeed). The frozen backbone stays outside the engine."""
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any, Callable
@@ -14,6 +17,7 @@ from torch import nn
 from s4v.model.classifier import Side4VideoClassifier
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+log = logging.getLogger(__name__)
 
 
 class TrainableSide(nn.Module):
@@ -107,9 +111,13 @@ def deepspeed_initialize(module: nn.Module, ds_config: dict[str, Any], groups: l
         from s4v.train.bertadam import BertAdam
 
         client = BertAdam(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay)
-    engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=module, model_parameters=None if client else groups, optimizer=client, config=ds_config,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda), dist_init_required=False)
+    printed = io.StringIO()  # DeepSpeed prints "... shm_comm_op built successfully" at every CPU start
+    with contextlib.redirect_stdout(printed):
+        engine, optimizer, _, scheduler = deepspeed.initialize(
+            model=module, model_parameters=None if client else groups, optimizer=client, config=ds_config,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda), dist_init_required=False)
+    if printed.getvalue().strip():
+        log.debug("deepspeed.initialize printed: %s", printed.getvalue().strip())
     return engine, optimizer, scheduler
 
 
@@ -124,8 +132,6 @@ def load_ds_json(path: str) -> dict[str, Any]:
 def full_parameters(engine):
     """Context in which every parameter of the engine's module holds its full value on every rank:
     ZeRO-3 gathers its partitions (a collective: call it on all ranks); other stages need nothing."""
-    import contextlib
-
     import deepspeed
 
     if engine.zero_optimization_stage() != 3:
