@@ -8,7 +8,8 @@ import importlib
 __version__ = "0.1.0"
 
 _API = {
-    "create_model": "s4v.model.factory", "list_models": "s4v.model.factory",
+    "create_model": "s4v.api", "list_models": "s4v.model.factory",
+    "load": "s4v.api", "read_video": "s4v.infer.preprocess", "Preprocess": "s4v.infer.preprocess",
     "load_official": "s4v.model.official", "convert_official": "s4v.model.official",
     "load_model": "s4v.model.checkpoint_io", "save_model": "s4v.model.checkpoint_io",
     "MODELS": "s4v.model.specs", "BackboneSpec": "s4v.model.specs", "SideSpec": "s4v.model.specs",

@@ -24,9 +24,10 @@ VERSION = 1
 
 
 def save_model(model: Side4VideoClassifier, path: str | os.PathLike, include_backbone: bool = False,
-               classes: Optional[list[str]] = None) -> None:
+               classes: Optional[list[str]] = None, preprocess: Optional[dict] = None) -> None:
     """`classes`: the class names in label order (the train index's), kept so that `s4v eval` can refuse
-    a split whose labels mean other classes; default: `model.class_names` if the model was loaded with them."""
+    a split whose labels mean other classes; default: `model.class_names` if the model was loaded with them.
+    `preprocess`: the test protocol (s4v.infer.preprocess.protocol_dict) that `s4v.load` / `s4v predict` use."""
     sd = {k: v.detach().cpu() for k, v in model.state_dict().items()
           if include_backbone or not k.startswith("backbone.")}
     atomic_torch_save({
@@ -34,6 +35,7 @@ def save_model(model: Side4VideoClassifier, path: str | os.PathLike, include_bac
         "spec": dataclasses.asdict(model.spec), "num_classes": model.num_classes,
         "num_frames": model.num_frames, "includes_backbone": include_backbone, "state_dict": sd,
         "classes": list(classes) if classes else getattr(model, "class_names", None),
+        "preprocess": preprocess,
     }, path)
 
 
