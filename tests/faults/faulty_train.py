@@ -6,7 +6,8 @@ fault hooks switched on by environment variables (each a no-op when unset):
 - S4V_FAULT_KILL="RANK:STEP": that rank SIGKILLs itself at the start of optimizer step STEP (1-based),
   after writing the time of the kill to DIR/killed_at (DIR = S4V_FAULT_KEYLOG, or the cwd).
 - S4V_FAULT_USR1="RANK:STEP": that rank sends itself SIGUSR1 at the start of step STEP (preemption).
-- S4V_FAULT_NAN="3,5-7": the recognition loss is NaN at those steps (1-based).
+- S4V_FAULT_NAN="3,5-7": the recognition loss is NaN in those optimizer-step attempts of this process
+  (1-based, skipped ones included: a skipped update does not advance the step counter).
 - S4V_FAULT_CKPT="MODE:STEP" (MODE kill | enospc): while checkpoint step_STEP is being written (in its
   temporary folder `step_STEP.tmp-*`), the first file is written half-way, then the process SIGKILLs
   itself (kill) or the write fails with OSError(ENOSPC) (enospc, a full disk).
@@ -71,10 +72,13 @@ def install() -> None:
 
     if nan:
         orig_loss = tasks.RecognitionTask.loss
+        micro_batches = [0]  # of this process; a skipped update does not advance trainer.step
 
         def loss(self, trainer, batch):
+            attempt = micro_batches[0] // trainer.plan.grad_accum + 1  # optimizer steps tried, skipped included
+            micro_batches[0] += 1
             out = orig_loss(self, trainer, batch)
-            return out * float("nan") if trainer.step + 1 in nan else out
+            return out * float("nan") if attempt in nan else out
 
         tasks.RecognitionTask.loss = loss
 
