@@ -54,6 +54,11 @@ def preflight(cfg: ExperimentConfig, world_size: int) -> None:
     except BatchPlanError as err:
         problems.append(str(err))
         plan = None
+    if plan is not None and cfg.task == "retrieval" and plan.grad_accum > 1:
+        # the contrastive loss takes its negatives from one step's batch: accumulation is another loss
+        problems.append(f"task: retrieval does not accumulate gradients ({plan.describe()}): the contrastive "
+                        f"loss takes its negatives from the global batch of one step; set data.batch_size="
+                        f"{plan.global_batch // world_size} so that {world_size} ranks hold the global batch")
     if plan is not None and train_samples is not None:
         batches = batches_per_epoch(train_samples, world_size, d.batch_size, train=True)
         if batches < plan.grad_accum:
