@@ -34,7 +34,7 @@ def has_encoder(name: str) -> bool:
 
 def frame_image(i: int, height: int, width: int) -> np.ndarray:
     arr = np.zeros((height, width, 3), np.uint8)
-    arr[: height // 2] = level(i)
+    arr[: height // 2] = level(i % 26)  # levels repeat after 26 frames
     return arr
 
 

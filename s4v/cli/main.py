@@ -104,6 +104,17 @@ def _passthrough(module: str):
     return run
 
 
+# Commands that use a trained model (issue 15), each a module with its own main(argv).
+INFER_COMMANDS = {
+    "predict": ("s4v.infer.predict", "classify video files: s4v predict MODEL VIDEO_OR_DIR... [--topk 5] "
+                "[--views 3x2] [--out preds.jsonl]"),
+    "export": ("s4v.infer.export", "model file from any checkpoint: s4v export RUN_DIR [--tag step_N] [--out FILE]"),
+    "extract": ("s4v.infer.extract", "features of video files: s4v extract MODEL VIDEO_OR_DIR... --out DIR "
+                "[--level clip|frame|tokens] [--texts FILE]"),
+    "search": ("s4v.infer.search", "text-to-video search: s4v search INDEX \"text\" [--topk 10] [--video FILE]"),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="s4v", description="Side4Video: memory-efficient video transfer "
                                      "of frozen image ViTs with a spatial-temporal side network.")
@@ -125,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, module, text in (("train", "s4v.train.main", "train: s4v train CONFIG.yaml [key=value ...] "
                                 "(`s4v train --help` lists every key)"),
-                               ("eval", "s4v.eval.main", "multi-view evaluation: s4v eval RUN_DIR|MODEL.pt ...")):
+                               ("eval", "s4v.eval.main", "multi-view evaluation: s4v eval RUN_DIR|MODEL.pt ..."),
+                               *((name, module, text) for name, (module, text) in INFER_COMMANDS.items())):
         p = sub.add_parser(name, help=text, add_help=False)
         p.add_argument("rest", nargs=argparse.REMAINDER)
         p.set_defaults(func=_passthrough(module))
@@ -154,6 +166,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         import importlib
 
         return importlib.import_module(f"s4v.{argv[0]}.main").main(argv[1:])
+    if argv and argv[0] in INFER_COMMANDS:  # s4v.infer: their own options
+        import importlib
+
+        return importlib.import_module(INFER_COMMANDS[argv[0]][0]).main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -58,13 +58,16 @@ def _open(path: str):
 
 
 def count_frames(path: str) -> tuple[int, int, int]:
-    """(frames, stored height, stored width): a demux pass over the video stream, no decoding."""
+    """(frames, stored height, stored width): a demux pass over the video stream, no decoding. A file
+    with fewer frames than its container's index lists (a cut mp4/mov) is a VideoReadError."""
     with _open(path) as c:
         st = c.streams.video[0]
         try:
             n = sum(1 for p in c.demux(st) if p.size)
         except av.error.FFmpegError as err:
             raise VideoReadError(path, f"damaged container ({err.strerror or err})") from None
+        if "mp4" in c.format.name and st.frames and n < st.frames:  # mp4/mov index every frame: the rest is cut off
+            raise VideoReadError(path, f"truncated: the container lists {st.frames} frames, the file holds {n}")
         return n, int(st.codec_context.height), int(st.codec_context.width)
 
 
