@@ -1,5 +1,5 @@
-"""The frozen image tower: built from open_clip (timm for EVA trunks), loaded from a local file,
-run without autograd, returning the tokens of the tapped layers. No training code here."""
+"""The frozen image tower: built from open_clip or timm (s4v/model/towers.py), loaded from a local
+file, run without autograd, returning the tokens of the tapped layers. No training code here."""
 from __future__ import annotations
 
 import logging
@@ -11,39 +11,13 @@ import torch
 from torch import nn
 
 from .specs import BackboneSpec
+from .towers import adapt_tower_state_dict, build_tower, tapped_tokens  # noqa: F401 - build_tower re-exported
 from .weights_file import WeightsFileError, not_a_weights_file
 
 log = logging.getLogger(__name__)
 
 # Tower parts that recognition never runs; a checkpoint may carry them (open_clip, OpenAI, EVA files).
-_UNUSED_PREFIXES = ("ln_post.", "proj", "norm.", "head.", "fc_norm.")
-
-
-def build_tower(spec: BackboneSpec, taps: list[int], keep_head: bool = False) -> nn.Module:
-    """Build the tower on the current default device (use `with torch.device(...)`), random init."""
-    import open_clip  # heavy import, only when a model is built
-
-    if spec.family == "clip":
-        from open_clip.model import _build_vision_tower  # builds only the image tower of a CLIP config
-
-        vision_cfg = dict(image_size=spec.image_size, patch_size=spec.patch_size, width=spec.width,
-                          layers=spec.layers, head_width=spec.width // spec.heads, mlp_ratio=spec.mlp_ratio)
-        quick_gelu = open_clip.get_model_config(spec.open_clip_name).get("quick_gelu", False)
-        tower = _build_vision_tower(spec.embed_dim, vision_cfg, quick_gelu=quick_gelu)
-    elif spec.family == "eva":
-        import timm
-
-        # open_clip's EVA02 towers are timm Eva trunks; build the same trunk at the requested size.
-        timm_name = open_clip.get_model_config(spec.open_clip_name)["vision_cfg"]["timm_model_name"]
-        tower = timm.create_model(timm_name, pretrained=False, num_classes=spec.embed_dim,
-                                  img_size=spec.image_size, patch_size=spec.patch_size,
-                                  embed_dim=spec.width, depth=spec.layers, num_heads=spec.heads,
-                                  mlp_ratio=spec.mlp_ratio)
-    else:
-        raise ValueError(f"unknown backbone family {spec.family!r} (expected 'clip' or 'eva')")
-    if not keep_head:  # not keeping anything the side network does not need
-        tower.prune_intermediate_layers(taps, prune_norm=True, prune_head=True)
-    return tower
+_UNUSED_PREFIXES = ("ln_post.", "proj", "norm.", "head.", "fc_norm.", "attn_pool.")
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -157,23 +131,31 @@ class FrozenBackbone(nn.Module):
         return next(self.tower.parameters()).dtype
 
     def load(self, path: str | os.PathLike) -> None:
-        load_tower_weights(self.tower, tower_state_dict(read_state_dict(path)), source=str(path))
+        self.load_state(tower_state_dict(read_state_dict(path)), str(path))
+
+    def load_state(self, sd: dict[str, torch.Tensor], source: str) -> None:
+        """The tower's weights from `sd` (named as the tower, see `tower_state_dict`)."""
+        load_tower_weights(self.tower, adapt_tower_state_dict(self.tower, self.spec, sd), source=source)
         self.freeze()
 
     @torch.no_grad()
     def forward(self, frames: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """`frames` `[B*T, 3, H, W]` -> per tapped layer (CLS `[B*T, 1, W]`, patches `[B*T, N, W]`),
-        in the tower's dtype, raw block outputs (before any final norm)."""
-        x = frames.to(self.dtype)
-        if self.family == "clip":
-            out = self.tower.forward_intermediates(
-                x, indices=self.taps, stop_early=True, intermediates_only=True, output_fmt="NLC",
-                output_extra_tokens=True)
-            return list(zip(out["image_intermediates_prefix"], out["image_intermediates"]))
-        out = self.tower.forward_intermediates(
-            x, indices=self.taps, return_prefix_tokens=True, norm=False, stop_early=True,
-            output_fmt="NLC", intermediates_only=True)
-        return [(prefix, patches) for patches, prefix in out]
+        """`frames` `[B*T, 3, H, W]` -> per tapped layer (global token `[B*T, 1, W]`, patches `[B*T, N, W]`),
+        in the tower's dtype, raw block outputs (before any final norm). The global token is the CLS
+        token, or the mean of the patches for a tower without one (s4v/model/towers.py)."""
+        return tapped_tokens(self.tower, self.spec, frames.to(self.dtype), self.taps)
+
+
+def materialize(module: nn.Module, device: torch.device | str) -> None:
+    """Give a meta-device module real storage on `device` and run every module's own init,
+    children before parents (so SideNetwork's init wins over the Linear defaults)."""
+    module.to_empty(device=device)
+    with torch.no_grad():
+        for sub in reversed(list(module.modules())):
+            if hasattr(sub, "reset_parameters"):
+                sub.reset_parameters()
+            elif hasattr(sub, "reset_running_stats"):
+                sub.reset_running_stats()
 
 
 def resolve_dtype(dtype: Optional[str | torch.dtype]) -> Optional[torch.dtype]:

@@ -16,7 +16,7 @@ from s4v.fileio import atomic_torch_save
 from .backbone import assign_state_dict
 from .classifier import Side4VideoClassifier
 from .factory import build_model
-from .specs import BackboneSpec, ModelSpec, SideSpec
+from .specs import spec_from_dict
 from .weights_file import WeightsFileError, load_torch_file
 
 FORMAT = "s4v-model"
@@ -27,7 +27,12 @@ def save_model(model: Side4VideoClassifier, path: str | os.PathLike, include_bac
                classes: Optional[list[str]] = None, preprocess: Optional[dict] = None) -> None:
     """`classes`: the class names in label order (the train index's), kept so that `s4v eval` can refuse
     a split whose labels mean other classes; default: `model.class_names` if the model was loaded with them.
-    `preprocess`: the test protocol (s4v.infer.preprocess.protocol_dict) that `s4v.load` / `s4v predict` use."""
+    `preprocess`: the test protocol (s4v.infer.preprocess.protocol_dict) that `s4v.load` / `s4v predict` use.
+    A retrieval model is written in its own format (`s4v.model.retrieval.save_retrieval_model`)."""
+    if getattr(model.spec, "text", None) is not None:
+        from .retrieval import save_retrieval_model
+
+        return save_retrieval_model(model, path, include_backbone)
     sd = {k: v.detach().cpu() for k, v in model.state_dict().items()
           if include_backbone or not k.startswith("backbone.")}
     atomic_torch_save({
@@ -56,11 +61,14 @@ def load_model(path: str | os.PathLike, pretrained: Optional[str | os.PathLike] 
     """Load a native s4v model file. Without backbone weights inside, `pretrained` must name the
     tower's weights file. Returned in eval mode, with `class_names` (None in files without them)."""
     ckpt = load_torch_file(path)
+    from .retrieval import FORMAT as RETRIEVAL_FORMAT, load_retrieval_model
+
+    if isinstance(ckpt, dict) and ckpt.get("format") == RETRIEVAL_FORMAT:  # one entry point for both kinds
+        return load_retrieval_model(path, pretrained, device, backbone_dtype)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise WeightsFileError(f"{path} is not an s4v model file (for official Side4Video checkpoints "
                                "use s4v.load_official / `s4v convert-official`)")
-    spec_d = ckpt["spec"]
-    spec = ModelSpec(BackboneSpec(**spec_d["backbone"]), SideSpec(**spec_d["side"]), spec_d["description"])
+    spec = spec_from_dict(ckpt["spec"])
     if not ckpt["includes_backbone"] and pretrained is None:
         raise WeightsFileError(f"{path} holds only the side network and head; pass the backbone weights file "
                                "as pretrained=PATH (model.pretrained=...)")

@@ -1,4 +1,5 @@
-"""`list_models()` / `create_model()`: the open_clip/timm-style entry points."""
+"""`list_models()` / `create_model()`: the open_clip/timm-style entry points, for recognition and
+retrieval models alike (one table: `s4v.model.registry.MODELS`)."""
 from __future__ import annotations
 
 import os
@@ -7,38 +8,40 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .backbone import resolve_dtype
+from .backbone import materialize, resolve_dtype
 from .classifier import Side4VideoClassifier
-from .specs import MODELS, ModelSpec, apply_overrides, closest, get_spec
+from .pretrained import resolve_pretrained
+from .registry import MODELS
+from .retrieval import build_retrieval_model
+from .specs import ModelSpec, apply_overrides, closest
+
+__all__ = ["list_models", "create_model", "build_model", "materialize"]
 
 
 def list_models() -> list[str]:
-    from .retrieval_specs import RETRIEVAL_MODELS
-
-    return sorted([*MODELS, *RETRIEVAL_MODELS])
+    return sorted(MODELS)
 
 
-def materialize(module: nn.Module, device: torch.device | str) -> None:
-    """Give a meta-device module real storage on `device` and run every module's own init,
-    children before parents (so SideNetwork's init wins over the Linear defaults)."""
-    module.to_empty(device=device)
-    with torch.no_grad():
-        for sub in reversed(list(module.modules())):
-            if hasattr(sub, "reset_parameters"):
-                sub.reset_parameters()
-            elif hasattr(sub, "reset_running_stats"):
-                sub.reset_running_stats()
-
-
-def build_model(spec: ModelSpec, num_classes: int, num_frames: int, name: str = "custom",
-                pretrained: Optional[str | os.PathLike] = None, device=None,
-                backbone_dtype=None) -> Side4VideoClassifier:
+def build_model(spec: ModelSpec, num_classes: Optional[int] = None, num_frames: Optional[int] = None,
+                name: str = "custom", pretrained: Optional[str | os.PathLike] = None, device=None,
+                backbone_dtype=None, **retrieval_options) -> nn.Module:
+    """Build the model `spec` describes: a retrieval model when it has a text tower (`retrieval_options`:
+    `interaction`, `freeze_text`, `max_temperature`), else a classifier of `num_classes` outputs."""
+    if pretrained is not None:
+        pretrained = resolve_pretrained(spec.backbone, pretrained)
+    if spec.text is not None:
+        return build_retrieval_model(spec, num_frames or 12, name, pretrained, device, backbone_dtype,
+                                     **retrieval_options)
+    if retrieval_options:
+        raise ValueError(f"{name}: {', '.join(retrieval_options)} only apply to retrieval models")
+    if num_classes is None:
+        raise ValueError(f"create_model({name!r}): num_classes is required for recognition models")
     device = torch.device(device if device is not None else "cpu")
     dtype = resolve_dtype(backbone_dtype)
     # With a weights file, or for inspection, build on `meta` (no memory) and fill in afterwards.
     build_on = torch.device("meta") if (pretrained is not None or device.type == "meta") else device
     with build_on:
-        model = Side4VideoClassifier(spec, num_classes, num_frames, name=name)
+        model = Side4VideoClassifier(spec, num_classes, num_frames or 8, name=name)
     if pretrained is not None:
         model.backbone.load(pretrained)
     if build_on.type == "meta" and device.type != "meta":
@@ -50,6 +53,9 @@ def build_model(spec: ModelSpec, num_classes: int, num_frames: int, name: str = 
     return model
 
 
+_RETRIEVAL_OPTIONS = ("interaction", "freeze_text", "max_temperature")
+
+
 def create_model(name: str, num_classes: Optional[int] = None, num_frames: Optional[int] = None,
                  pretrained: Optional[str | os.PathLike] = None, device=None,
                  backbone_dtype: Optional[str | torch.dtype] = None, **overrides) -> nn.Module:
@@ -59,24 +65,20 @@ def create_model(name: str, num_classes: Optional[int] = None, num_frames: Optio
         name: one of `list_models()`.
         num_classes: classifier outputs (recognition; ignored by retrieval models).
         num_frames: frames per clip T (default 8 for recognition, 12 for retrieval).
-        pretrained: local weights file of the image tower (open_clip, OpenAI or EVA-CLIP format);
-            None leaves the tower randomly initialised. Retrieval models load both the image and the
-            text tower from it (a full CLIP checkpoint).
+        pretrained: the tower's weights: a local file (open_clip, OpenAI, EVA-CLIP, timm or the
+            family's original format), or an open_clip pretrained tag / `hf-hub:ORG/NAME` found in the
+            local Hugging Face cache (offline; s4v/model/pretrained.py). None leaves the tower randomly
+            initialised. Retrieval models load both the image and the text tower from it.
         device: where to build it; "meta" builds without memory (shapes and counts only).
         backbone_dtype: "fp32" / "fp16" / "bf16" (or a torch dtype) for the frozen tower.
         **overrides: spec fields, e.g. `side_width=128`, `side.heads=2`, `backbone.image_size=256`;
             retrieval models also take `text.<field>` and the keywords `interaction` ("wti" | "mean"),
             `freeze_text` and `max_temperature` (see `s4v.model.retrieval.create_retrieval_model`).
     """
-    from .retrieval_specs import RETRIEVAL_MODELS
-
-    if name in RETRIEVAL_MODELS:
-        from .retrieval import create_retrieval_model
-
-        return create_retrieval_model(name, num_frames or 12, pretrained, device, backbone_dtype, **overrides)
     if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}" + closest(name, [*MODELS, *RETRIEVAL_MODELS]))
-    if num_classes is None:
-        raise ValueError(f"create_model({name!r}): num_classes is required for recognition models")
-    spec = apply_overrides(get_spec(name), overrides) if overrides else get_spec(name)
-    return build_model(spec, num_classes, num_frames or 8, name, pretrained, device, backbone_dtype)
+        raise ValueError(f"unknown model {name!r}" + closest(name, MODELS))
+    spec = MODELS[name]
+    options = {k: overrides.pop(k) for k in _RETRIEVAL_OPTIONS if k in overrides and spec.text is not None}
+    if overrides:
+        spec = apply_overrides(spec, overrides)
+    return build_model(spec, num_classes, num_frames, name, pretrained, device, backbone_dtype, **options)

@@ -1,7 +1,8 @@
-"""Side4Video text-video retrieval model (spec section 5): frozen image tower + side network as the
-video encoder, the CLIP text tower as the text encoder, WTI (or mean) similarity, learned temperature.
+"""Side4Video text-video retrieval model (docs/method.md 5): frozen image tower + side network as the
+video encoder, the text tower of the same checkpoint as the text encoder, WTI (or mean) similarity,
+learned temperature.
 
-Video encoder, per frame (spec 5.1, 5.4):
+Video encoder, per frame (docs/method.md 5.1, 5.4):
 
     s = SideNetwork(video, taps)                                 # [B*T, N, D]
     p = mean_N(BN3d(s)) @ side_proj                              # [B*T, W], side_proj zero-initialised
@@ -9,9 +10,11 @@ Video encoder, per frame (spec 5.1, 5.4):
 
 `CLS_L` is the frozen tower's last-layer CLS token; `ln_post`/`proj` are the tower's own final norm
 and projection, loaded from the same checkpoint. Because `side_proj` starts at zero, a fresh model's
-frame embeddings are exactly frozen CLIP's per-frame image embeddings.
+frame embeddings are exactly frozen CLIP's per-frame image embeddings. Towers that pool by attention
+(SigLIP2, PE-Core; docs/method.md 10.3) get `p` added to every last-layer token their own norm ->
+attention pool -> projection reads, with the same zero-init property.
 
-Text encoder (spec 5.2): the CLIP text transformer returning every token, `ln_final`, then
+Text encoder (docs/method.md 5.2): the CLIP text transformer returning every token, `ln_final`, then
 `text_projection`: `[B, L, E]` for `L = max_words` tokens (SOT, words, EOT, zero padding).
 """
 from __future__ import annotations
@@ -27,13 +30,12 @@ from torch import nn
 
 from s4v.fileio import atomic_torch_save
 
-from .backbone import FrozenBackbone, assign_state_dict, read_state_dict, resolve_dtype, tower_state_dict, \
-    load_tower_weights
-from .factory import materialize
+from .backbone import FrozenBackbone, assign_state_dict, load_tower_weights, materialize, read_state_dict, \
+    resolve_dtype, tower_state_dict
 from .layers import LayerNormFp32, TokenBatchNorm
-from .retrieval_specs import RetrievalSpec, TextSpec, apply_retrieval_overrides, get_retrieval_spec
 from .side_net import SideNetwork
-from .specs import BackboneSpec, SideSpec
+from .specs import ModelSpec, TextSpec, spec_from_dict, spec_to_dict
+from .towers import MapHead, family_info
 from .wti import Interaction, TextEmbedding, TokenInteraction, VideoEmbedding, token_wise_score
 
 FORMAT = "s4v-retrieval-model"
@@ -43,23 +45,45 @@ DEFAULT_LOGIT_SCALE = math.log(1 / 0.07)  # CLIP's initial temperature (a pretra
 
 # ------------------------------------------------------------------------------------------ text
 @functools.lru_cache(maxsize=4)
-def _tokenizer(max_words: int):
-    from open_clip.tokenizer import SimpleTokenizer  # BPE vocabulary ships inside open_clip (offline)
+def _tokenizer(max_words: int, hf_name: str = ""):
+    if not hf_name:
+        from open_clip.tokenizer import SimpleTokenizer  # BPE vocabulary ships inside open_clip (offline)
 
-    return SimpleTokenizer(context_length=max_words)
+        return SimpleTokenizer(context_length=max_words)
+    from open_clip.tokenizer import HFTokenizer
+
+    try:  # SigLIP2's Gemma tokenizer: needs `transformers` and the tokenizer files in the local HF cache
+        return HFTokenizer(hf_name, context_length=max_words, clean="canonicalize")
+    except Exception as err:  # noqa: BLE001 - ImportError, or huggingface_hub's offline/cache errors
+        raise ValueError(f"tokenizer {hf_name!r} is not available offline ({type(err).__name__}: {err}); it needs "
+                         "the `transformers` package and the tokenizer in the local Hugging Face cache") from err
 
 
-def tokenize(texts: Sequence[str], max_words: int = 32) -> torch.Tensor:
-    """CLIP BPE token ids `[N, max_words]`: SOT, words, EOT, zero padding (a long caption is cut and
-    ends with EOT)."""
-    return _tokenizer(max_words)(list(texts))
+def tokenize(texts: Sequence[str], max_words: int = 32, tokenizer: str = "") -> torch.Tensor:
+    """Token ids `[N, max_words]`. Default: CLIP BPE (SOT, words, EOT, zero padding; a long caption is
+    cut and ends with EOT); `tokenizer`: a Hugging Face tokenizer name (`text_config(spec)` gives a
+    model's, e.g. SigLIP2's Gemma tokenizer), padding id 0."""
+    return _tokenizer(max_words, tokenizer)(list(texts))
 
 
-def build_text_tower(spec: TextSpec, embed_dim: int) -> nn.Module:
+_TEXT_STYLE_KEYS = ("no_causal_mask", "proj_bias", "pool_type", "norm_kwargs", "act_kwargs")
+
+
+def text_config(open_clip_name: str) -> dict:
+    """What the open_clip config of a tower says about its text tower beyond the sizes: causal mask,
+    pooling, projection bias, norm eps, activation and `hf_tokenizer_name` (e.g. SigLIP2)."""
+    import open_clip
+
+    cfg = (open_clip.get_model_config(open_clip_name) or {}).get("text_cfg", {})
+    return {k: v for k, v in cfg.items() if k in (*_TEXT_STYLE_KEYS, "hf_tokenizer_name")}
+
+
+def build_text_tower(spec: TextSpec, embed_dim: int, open_clip_name: str = "") -> nn.Module:
     from open_clip.model import _build_text_tower
 
+    style = {k: v for k, v in text_config(open_clip_name).items() if k in _TEXT_STYLE_KEYS} if open_clip_name else {}
     cfg = dict(context_length=spec.context_length, vocab_size=spec.vocab_size, width=spec.width,
-               heads=spec.heads, layers=spec.layers, mlp_ratio=spec.mlp_ratio)
+               heads=spec.heads, layers=spec.layers, mlp_ratio=spec.mlp_ratio, **style)
     return _build_text_tower(embed_dim, cfg, quick_gelu=spec.quick_gelu)
 
 
@@ -111,9 +135,16 @@ class VisualProjection(nn.Module):
             return x @ self.proj.to(x.dtype)
         return self.head(x.to(self.head.weight.dtype))
 
-    @staticmethod
-    def checkpoint_keys(family: str) -> dict[str, str]:
+    def embed(self, global_token: torch.Tensor, patches: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
+        """Frame embeddings `[B, E]`: the last layer's CLS `[B, 1, W]` plus the side feature `[B, W]`."""
+        return self(global_token[:, 0].to(side.dtype) + side)
+
+    def checkpoint_keys(self) -> dict[str, str]:
         """Our key -> the tower's key (after `tower_state_dict`)."""
+        return self.checkpoint_keys_of(self.family)
+
+    @staticmethod
+    def checkpoint_keys_of(family: str) -> dict[str, str]:
         if family == "clip":
             return {"norm.weight": "ln_post.weight", "norm.bias": "ln_post.bias", "proj": "proj"}
         return {"norm.weight": "norm.weight", "norm.bias": "norm.bias", "head.weight": "head.weight",
@@ -139,7 +170,7 @@ class Temperature(nn.Module):
 
 
 def retrieval_side_init_(side: SideNetwork) -> None:
-    """The retrieval code's initialisation (spec 5.1): CLIP4Clip re-initialises every new Linear to
+    """The retrieval code's initialisation (docs/method.md 5.1): CLIP4Clip re-initialises every new Linear to
     N(0, 0.02) with zero bias (our taps, pointwise convs, MLPs and attention output projections); the
     attention input projection keeps its N(0, D^-1/2) (it is a raw `in_proj_weight` parameter there);
     the depthwise temporal conv gets N(0, D^-1/2)."""
@@ -167,21 +198,30 @@ class Side4VideoRetrieval(nn.Module):
     features `[A, L, E]`. Only `trainable_modules()` hold trainable parameters; the image tower is frozen.
     """
 
-    def __init__(self, spec: RetrievalSpec, num_frames: int = 12, interaction: Interaction = "wti",
+    def __init__(self, spec: ModelSpec, num_frames: int = 12, interaction: Interaction = "wti",
                  name: str = "custom", freeze_text: bool = False):
         super().__init__()
         if num_frames < 1:
             raise ValueError(f"num_frames must be >= 1 (got {num_frames})")
+        if spec.text is None:
+            raise ValueError(f"{name} is a recognition model: a retrieval model needs a text tower")
         self.name, self.spec, self.num_frames = name, spec, num_frames
         bb = spec.backbone
+        head = family_info(bb.family).head
+        if head == "none" or bb.reg_tokens:
+            raise ValueError(f"{bb.family} towers have no text tower / embedding head for retrieval")
         taps = spec.side.tap_layers(bb.layers)
         if taps[-1] != bb.layers - 1:
             raise ValueError(f"retrieval needs a tap after the last backbone layer (taps {taps}, {bb.layers} layers)")
-        self.backbone = FrozenBackbone(dataclasses.replace(bb, keep_head=False), taps)
+        self.backbone = FrozenBackbone(dataclasses.replace(bb, keep_head=head == "map"), taps)
         self.side = SideNetwork(spec.side, bb.width, bb.patch_size, bb.num_patches, len(taps))
         self.video_head = RetrievalVideoHead(spec.side.width, bb.width, spec.side.post_bn)
-        self.visual_proj = VisualProjection(bb.family, bb.width, bb.embed_dim)
-        self.text = build_text_tower(spec.text, bb.embed_dim)
+        if head == "map":  # the tower's own norm -> attention pool -> projection, taken out of it
+            self.visual_proj = MapHead(self.backbone.tower, bb.class_token)
+            self.backbone.tower.prune_intermediate_layers(taps, prune_norm=True, prune_head=True)
+        else:
+            self.visual_proj = VisualProjection(bb.family, bb.width, bb.embed_dim)
+        self.text = build_text_tower(spec.text, bb.embed_dim, bb.open_clip_name)
         self.interaction = TokenInteraction(bb.embed_dim, interaction)
         self.temperature = Temperature()
         self.reset_new_parameters()
@@ -200,7 +240,7 @@ class Side4VideoRetrieval(nn.Module):
 
     def trainable_modules(self) -> nn.ModuleDict:
         """What an optimizer (DeepSpeed engine) owns. Side-rate parts: side, video_head, interaction;
-        CLIP-rate parts (spec 5.2, lr x coef 1e-3): visual_proj, temperature and the text tower unless frozen."""
+        CLIP-rate parts (docs/method.md 5.2, lr x coef 1e-3): visual_proj, temperature and the text tower unless frozen."""
         parts = {"side": self.side, "video_head": self.video_head, "interaction": self.interaction,
                  "visual_proj": self.visual_proj, "temperature": self.temperature}
         if not self.freeze_text:
@@ -245,15 +285,13 @@ class Side4VideoRetrieval(nn.Module):
         return self.temperature() * token_wise_score(t, v)
 
 
-def video_embeddings(side: SideNetwork, head: RetrievalVideoHead, visual_proj: VisualProjection,
+def video_embeddings(side: SideNetwork, head: RetrievalVideoHead, visual_proj: nn.Module,
                      video: torch.Tensor, taps) -> torch.Tensor:
     """Module-level so that a DeepSpeed-owned wrapper can run it on its own submodules."""
     b, t = video.shape[:2]
     s = side(video, taps)
-    cls = taps[-1][0][:, 0]  # last layer's CLS token, raw block output [B*T, W]
-    pooled = head(s)
-    x = cls.to(pooled.dtype) + pooled
-    return visual_proj(x).view(b, t, -1)
+    global_token, patches = taps[-1]  # last layer's raw block outputs [B*T, 1, W], [B*T, N, W]
+    return visual_proj.embed(global_token, patches, head(s)).view(b, t, -1)
 
 
 def text_token_features(text: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -288,9 +326,8 @@ def load_clip_weights(model: Side4VideoRetrieval, path: str | os.PathLike) -> No
     """Both towers (and the temperature) from one open_clip / OpenAI checkpoint file."""
     sd = read_state_dict(path)
     tower = tower_state_dict(sd)
-    load_tower_weights(model.backbone.tower, tower, source=str(path))
-    model.backbone.freeze()
-    keys = VisualProjection.checkpoint_keys(model.spec.backbone.family)
+    model.backbone.load_state(tower, str(path))
+    keys = model.visual_proj.checkpoint_keys()
     missing = [src for src in keys.values() if src not in tower]
     if missing:
         raise ValueError(f"{path} has no image-tower head ({', '.join(missing)}); retrieval needs the tower's "
@@ -310,10 +347,14 @@ def _real_causal_mask(text: nn.Module) -> None:
             text.attn_mask = text.build_causal_mask()
 
 
-def build_retrieval_model(spec: RetrievalSpec, num_frames: int = 12, name: str = "custom",
+def build_retrieval_model(spec: ModelSpec, num_frames: int = 12, name: str = "custom",
                           pretrained: Optional[str | os.PathLike] = None, device=None, backbone_dtype=None,
                           interaction: Interaction = "wti", freeze_text: bool = False,
                           max_temperature: float = 100.0) -> Side4VideoRetrieval:
+    from .pretrained import resolve_pretrained
+
+    if pretrained is not None:
+        pretrained = resolve_pretrained(spec.backbone, pretrained)
     device = torch.device(device if device is not None else "cpu")
     build_on = torch.device("meta") if (pretrained is not None or device.type == "meta") else device
     with build_on:
@@ -351,9 +392,13 @@ def create_retrieval_model(name: str, num_frames: int = 12, pretrained: Optional
         freeze_text: freeze the text tower (the official recipe trains it at lr x 1e-3).
         **overrides: spec fields: backbone/side as in `create_model`, or `text.<field>`.
     """
-    spec = get_retrieval_spec(name)
+    from .specs import apply_overrides, get_spec
+
+    spec = get_spec(name)
+    if spec.text is None:
+        raise ValueError(f"{name!r} is a recognition model, not a retrieval model")
     if overrides:
-        spec = apply_retrieval_overrides(spec, overrides)
+        spec = apply_overrides(spec, overrides)
     return build_retrieval_model(spec, num_frames, name, pretrained, device, backbone_dtype, interaction,
                                  freeze_text, max_temperature)
 
@@ -365,8 +410,7 @@ def save_retrieval_model(model: Side4VideoRetrieval, path: str | os.PathLike, in
           if include_backbone or not k.startswith("backbone.")}
     atomic_torch_save({
         "format": FORMAT, "version": VERSION, "name": model.name,
-        "spec": {"backbone": dataclasses.asdict(model.spec.backbone), "side": dataclasses.asdict(model.spec.side),
-                 "text": dataclasses.asdict(model.spec.text), "description": model.spec.description},
+        "spec": spec_to_dict(model.spec),
         "num_frames": model.num_frames, "interaction": model.interaction.mode,
         "max_temperature": model.temperature.max_scale, "includes_backbone": include_backbone, "state_dict": sd,
     }, path)
@@ -388,8 +432,7 @@ def load_retrieval_model(path: str | os.PathLike, pretrained: Optional[str | os.
     ckpt = load_torch_file(path)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise WeightsFileError(f"{path} is not an s4v retrieval model file")
-    d = ckpt["spec"]
-    spec = RetrievalSpec(BackboneSpec(**d["backbone"]), SideSpec(**d["side"]), TextSpec(**d["text"]), d["description"])
+    spec = spec_from_dict(ckpt["spec"])
     if not ckpt["includes_backbone"] and pretrained is None:
         raise ValueError(f"{path} holds no image tower; pass the CLIP weights file as pretrained=PATH")
     with torch.device("meta"):
@@ -398,7 +441,9 @@ def load_retrieval_model(path: str | os.PathLike, pretrained: Optional[str | os.
     model.temperature.max_scale = ckpt["max_temperature"]
     sd = dict(ckpt["state_dict"])
     if not ckpt["includes_backbone"]:
-        model.backbone.load(pretrained)
+        from .pretrained import resolve_pretrained
+
+        model.backbone.load(resolve_pretrained(spec.backbone, pretrained))
         sd.update({k: v for k, v in model.state_dict().items() if k.startswith("backbone.")})
     assign_state_dict(model, sd, source=str(path))
     model.backbone.freeze()

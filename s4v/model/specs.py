@@ -1,7 +1,7 @@
-"""Named model sizes: the frozen tower and the side network of every s4v model, as plain data.
+"""What an s4v model is made of, as plain data: the frozen tower, the side network and, for retrieval,
+the text tower. The table of named models is `s4v.model.registry.MODELS`.
 
-Sizes follow the Side4Video spec (sections 2.1 and 4). Tiny sizes sit beside the real ones and are
-used by the tests and the demo.
+Sizes and switches follow docs/method.md (sections 2.1, 4 and 5).
 """
 from __future__ import annotations
 
@@ -10,23 +10,30 @@ import difflib
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-Family = Literal["clip", "eva"]
+# Tower families (s4v/model/towers.py says how each one is built, tapped and loaded).
+Family = Literal["clip", "eva", "pe", "siglip2", "dinov2", "dinov3"]
 
 
 @dataclass(frozen=True)
 class BackboneSpec:
-    """A frozen image tower. `open_clip_name` picks open_clip's config; the other fields override it."""
+    """A frozen image tower. `open_clip_name` picks open_clip's config (and, for timm-built towers, the
+    timm model in it); `timm_name` names a timm model directly (towers open_clip lacks, e.g. DINOv2).
+    The size fields override the library's defaults, so a shrunken tower keeps the family's block type,
+    norms, prefix tokens and position scheme."""
 
-    family: Family  # "clip": OpenAI CLIP ViT (pre-norm, QuickGELU); "eva": EVA02-CLIP (post-norm timm Eva)
-    open_clip_name: str  # e.g. "ViT-B-16-quickgelu", "EVA02-E-14"
+    family: Family  # clip: OpenAI CLIP ViT; eva: EVA02-CLIP; pe: PE-Core; siglip2; dinov2; dinov3
+    open_clip_name: str  # e.g. "ViT-B-16-quickgelu", "EVA02-E-14", "PE-Core-L-14-336"; "" for timm-only towers
     image_size: int = 224
     patch_size: int = 16
     width: int = 768
     layers: int = 12
     heads: int = 12
     mlp_ratio: float = 4.0
-    embed_dim: int = 512  # output projection width (unused by recognition, kept for retrieval)
-    keep_head: bool = False  # keep the final norm/projection; recognition never runs them
+    embed_dim: int = 512  # output embedding width (the retrieval head's; unused by recognition)
+    keep_head: bool = False  # keep the final norm/pool/projection; recognition never runs them
+    timm_name: str = ""  # timm model name; "" = the one in open_clip's config
+    class_token: bool = True  # the tower has a CLS token (SigLIP2 and PE-Core-G/14 have none)
+    reg_tokens: int = 0  # register tokens after the CLS (DINOv3: 4); never given to the side network
 
     @property
     def grid(self) -> int:
@@ -36,10 +43,14 @@ class BackboneSpec:
     def num_patches(self) -> int:
         return self.grid * self.grid
 
+    @property
+    def num_prefix_tokens(self) -> int:
+        return int(self.class_token) + self.reg_tokens
+
 
 @dataclass(frozen=True)
 class SideSpec:
-    """The trainable spatial-temporal side network (spec sections 2.3, 4)."""
+    """The trainable spatial-temporal side network (docs/method.md sections 2.3, 4)."""
 
     width: int  # side width D
     tap_every: int = 1  # 1: a tap after every backbone layer (CLIP); 2: after odd layers 1,3,... (EVA-E)
@@ -51,7 +62,7 @@ class SideSpec:
     temporal_ratio: float = 1.0  # bottleneck width of the temporal conv branch, as a multiple of D
     temporal_kernel: int = 3  # temporal kernel of the stem and of the depthwise conv (1: none)
     cls_shift: bool = True  # shift the projected CLS across frames (False: each frame keeps its own)
-    cls_pos: bool = False  # the position embedding also covers the CLS prompt (N+1 rows; retrieval, spec 5.1)
+    cls_pos: bool = False  # the position embedding also covers the CLS prompt (N+1 rows; retrieval, method 5.1)
     pos_init_std: float = 0.01  # side spatial position embedding init (CLIP 0.01, EVA 0.02)
     init: Literal["clip", "default"] = "clip"  # "clip": the official CLIP block init; "default": PyTorch's
     drop_fc: float = 0.0  # dropout before the classifier
@@ -70,44 +81,57 @@ class SideSpec:
         return heads
 
     def tap_layers(self, backbone_layers: int) -> list[int]:
-        """Backbone block indices (0-based) after which the side network taps."""
-        start = self.tap_every - 1
-        return list(range(start, backbone_layers, self.tap_every))
+        """Backbone block indices (0-based) after which the side network taps: every `tap_every`-th
+        layer, counted back from the last one (EVA-E: 1, 3, ..., 63; a 27-layer tower: 0, 2, ..., 26)."""
+        return sorted(range(backbone_layers - 1, -1, -self.tap_every))
+
+
+@dataclass(frozen=True)
+class TextSpec:
+    """The text transformer (open_clip `TextTransformer`) of a retrieval model. Sizes only: the rest
+    (causal mask, pooling, projection bias, norm eps, activation, tokenizer) comes from the open_clip
+    config of the backbone's `open_clip_name`."""
+
+    width: int = 512
+    heads: int = 8
+    layers: int = 12
+    context_length: int = 77  # rows of the positional embedding in the checkpoint (max_words <= this)
+    vocab_size: int = 49408  # the CLIP BPE vocabulary (open_clip's SimpleTokenizer); SigLIP2: 256000 (Gemma)
+    mlp_ratio: float = 4.0
+    quick_gelu: bool = True  # OpenAI CLIP: QuickGELU; EVA02-CLIP, PE-Core, SigLIP2: exact (or tanh) GELU
 
 
 @dataclass(frozen=True)
 class ModelSpec:
+    """A recognition model (`text` None) or a text-video retrieval model (with its text tower)."""
+
     backbone: BackboneSpec
     side: SideSpec
     description: str = ""
+    text: Optional[TextSpec] = None
+
+    @property
+    def task(self) -> str:
+        return "recognition" if self.text is None else "retrieval"
+
+    @property
+    def embed_dim(self) -> int:
+        return self.backbone.embed_dim
 
 
-_CLIP_SIDE = dict(tap_every=1, tap_order="norm_linear", block_norm="pre", post_bn=True,
-                  pos_init_std=0.01, init="clip")
-_EVA_SIDE = dict(tap_every=2, tap_order="linear_norm", block_norm="post", post_bn=False,
-                 pos_init_std=0.02, init="default")
+RetrievalSpec = ModelSpec  # the retrieval models' spec is the same type, with `text` set
 
-MODELS: dict[str, ModelSpec] = {
-    "s4v_b32": ModelSpec(
-        BackboneSpec("clip", "ViT-B-32-quickgelu", 224, 32, 768, 12, 12, 4.0, 512),
-        SideSpec(320, **_CLIP_SIDE), "OpenAI CLIP ViT-B/32 + side width 320"),
-    "s4v_b16": ModelSpec(
-        BackboneSpec("clip", "ViT-B-16-quickgelu", 224, 16, 768, 12, 12, 4.0, 512),
-        SideSpec(320, **_CLIP_SIDE), "OpenAI CLIP ViT-B/16 + side width 320"),
-    "s4v_l14": ModelSpec(
-        BackboneSpec("clip", "ViT-L-14-quickgelu", 224, 14, 1024, 24, 16, 4.0, 768),
-        SideSpec(512, **_CLIP_SIDE), "OpenAI CLIP ViT-L/14 + side width 512"),
-    "s4v_e14": ModelSpec(
-        BackboneSpec("eva", "EVA02-E-14", 224, 14, 1792, 64, 16, 15360 / 1792, 1024),
-        SideSpec(576, **_EVA_SIDE), "EVA02-CLIP-E/14 (4.4B) + side width 576 on odd layers"),
-    # Random-init tiny towers of each family, for tests and the demo (64 side width -> 1 side head).
-    "s4v_tiny": ModelSpec(
-        BackboneSpec("clip", "ViT-B-16-quickgelu", 32, 8, 64, 2, 2, 4.0, 64),
-        SideSpec(64, **_CLIP_SIDE), "tiny CLIP-family tower (random init) for tests and the demo"),
-    "s4v_tiny_eva": ModelSpec(
-        BackboneSpec("eva", "EVA02-E-14", 32, 8, 48, 4, 2, 15360 / 1792, 16),
-        SideSpec(64, **_EVA_SIDE), "tiny EVA-family tower (random init) for tests"),
-}
+
+def spec_to_dict(spec: ModelSpec) -> dict:
+    """Plain data (for model files); `spec_from_dict` reads it back, also from files written before
+    `text` and the newer backbone fields existed."""
+    return dataclasses.asdict(spec)
+
+
+def spec_from_dict(d: dict) -> ModelSpec:
+    text = d.get("text")
+    return ModelSpec(BackboneSpec(**d["backbone"]), SideSpec(**d["side"]), d.get("description", ""),
+                     TextSpec(**text) if text else None)
 
 
 def closest(name: str, choices) -> str:
@@ -117,33 +141,45 @@ def closest(name: str, choices) -> str:
     return f"; did you mean {match[0]!r}?" if match else f"; valid: {', '.join(sorted(choices))}"
 
 
+_ALIASES = {"side_width": "side.width", "side_heads": "side.heads", "backbone_heads": "backbone.heads"}
+
+
 def apply_overrides(spec: ModelSpec, overrides: dict) -> ModelSpec:
     """Return `spec` with fields replaced. Keys are field names of BackboneSpec or SideSpec, optionally
-    prefixed (`backbone.width`, `side.width`); an unprefixed name shared by both is ambiguous."""
-    bb, side = {}, {}
-    bb_fields = {f.name for f in dataclasses.fields(BackboneSpec)}
-    side_fields = {f.name for f in dataclasses.fields(SideSpec)}
-    aliases = {"side_width": "side.width", "side_heads": "side.heads", "backbone_heads": "backbone.heads"}
+    prefixed (`backbone.width`, `side.width`), or `text.<field>` for a retrieval model; an unprefixed
+    name shared by backbone and side is ambiguous."""
+    parts: dict[str, dict] = {"backbone": {}, "side": {}, "text": {}}
+    fields = {"backbone": {f.name for f in dataclasses.fields(BackboneSpec)},
+              "side": {f.name for f in dataclasses.fields(SideSpec)},
+              "text": {f.name for f in dataclasses.fields(TextSpec)} if spec.text is not None else set()}
     for key, value in overrides.items():
-        key = aliases.get(key, key)
+        key = _ALIASES.get(key, key)
         section, _, name = key.rpartition(".")
-        if section == "backbone" or (not section and name in bb_fields - side_fields):
-            target, fields_ = bb, bb_fields
-        elif section == "side" or (not section and name in side_fields - bb_fields):
-            target, fields_ = side, side_fields
-        elif not section and name in bb_fields & side_fields:
-            raise ValueError(f"model override {key!r} is ambiguous; write backbone.{name} or side.{name}")
-        else:
-            valid = [f"backbone.{n}" for n in bb_fields] + [f"side.{n}" for n in side_fields] + list(aliases)
+        if not section:
+            owners = [s for s in ("backbone", "side") if name in fields[s]]
+            if len(owners) > 1:
+                raise ValueError(f"model override {key!r} is ambiguous; write backbone.{name} or side.{name}")
+            section = owners[0] if owners else ""
+        if section not in fields or name not in fields[section]:
+            valid = [f"{s}.{n}" for s in fields for n in fields[s]] + list(_ALIASES)
             raise ValueError(f"unknown model override {key!r}" + closest(key, valid))
-        if name not in fields_:
-            raise ValueError(f"unknown model override {key!r}" + closest(key, [f"{section}.{n}" for n in fields_]))
-        target[name] = value
-    return ModelSpec(dataclasses.replace(spec.backbone, **bb), dataclasses.replace(spec.side, **side),
-                     spec.description)
+        parts[section][name] = value
+    text = dataclasses.replace(spec.text, **parts["text"]) if spec.text is not None else None
+    return ModelSpec(dataclasses.replace(spec.backbone, **parts["backbone"]),
+                     dataclasses.replace(spec.side, **parts["side"]), spec.description, text)
 
 
 def get_spec(name: str) -> ModelSpec:
+    from .registry import MODELS
+
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}" + closest(name, MODELS))
     return MODELS[name]
+
+
+def __getattr__(name: str):
+    if name == "MODELS":  # `s4v.model.specs.MODELS`, kept for callers of the old layout
+        from .registry import MODELS
+
+        return MODELS
+    raise AttributeError(name)
