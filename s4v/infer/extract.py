@@ -2,7 +2,7 @@
 video files (s4v.infer.features), in safetensors parts plus an index, resumable and distributed.
 
 The sorted file list is cut into parts of `--part-size` videos; part j is done by rank j % world_size
-(torchrun / srun: RANK, WORLD_SIZE), so ranks never share a video and together cover every one, for
+(torchrun: RANK, WORLD_SIZE; srun: SLURM_PROCID, SLURM_NTASKS), so ranks never share a video and together cover every one, for
 any number of ranks. Part j is `DIR/part-0000j.safetensors` (one tensor `features`, the videos'
 features concatenated along dim 0) and `DIR/part-0000j.json` (per video: path, offset, shape; and the
 unreadable videos with their errors), each written aside and renamed into place, the JSON last: a part
@@ -111,7 +111,7 @@ def extract_part(model, preprocess, files: list[str], level: str, batch_size: in
 def write_index(out: Path, num_parts: int) -> Optional[dict]:
     """`index.json` over all parts, once every part is finished (else None)."""
     parts = [out / f"{part_name(j)}.json" for j in range(num_parts)]
-    if not all(p.is_file() for p in parts):
+    if not all(p.is_file() for p in parts) or not (out / "meta.json").is_file():
         return None
     videos, errors = [], []
     for j, p in enumerate(parts):
@@ -125,17 +125,19 @@ def write_index(out: Path, num_parts: int) -> Optional[dict]:
 
 
 def _dist() -> tuple[int, int]:
-    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("gloo")  # only for the final barrier; features never travel
-    return rank, world
+    """(rank, world size) from torchrun's or srun's variables. No process group: ranks share nothing but
+    the output folder, and whichever finishes the last part writes the index."""
+    env = os.environ
+    if "RANK" in env:
+        return int(env["RANK"]), int(env.get("WORLD_SIZE", "1"))
+    return int(env.get("SLURM_PROCID", "0")), int(env.get("SLURM_NTASKS", "1"))
 
 
 def _device(name: Optional[str]) -> torch.device:
     from .predict import pick_device
 
     if name is None and torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))))
     return pick_device(name)
 
 
@@ -193,12 +195,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                     device, bar)
         write_part(args.out, j, items, feats, args.level)
     bar.close()
-    if world > 1:
-        torch.distributed.barrier()
-    index = write_index(args.out, num_parts) if rank == 0 else None
-    if world > 1:
-        torch.distributed.destroy_process_group()
+    index = write_index(args.out, num_parts)  # None while other ranks' parts are unfinished
     if index is None:
+        print(f"s4v extract: rank {rank} done ({len(mine)} parts); the index is written when every part is",
+              file=sys.stderr)
         return 0
     print(f"s4v extract: {len(index['videos'])} of {len(files)} videos -> {args.out}/index.json "
           f"({num_parts} parts, {len(index['errors'])} unreadable)", file=sys.stderr)
