@@ -165,6 +165,16 @@ class ExperimentConfig:
         if self.data.image_size != spec.backbone.image_size:
             raise ConfigError(f"data.image_size={self.data.image_size} but {self.model.name} takes "
                               f"{spec.backbone.image_size}px frames")
+        from s4v.model.towers import family_info
+
+        fam = family_info(spec.backbone.family)  # the tower only works on inputs normalised as it was trained
+        if not (_close(self.data.mean, fam.mean) and _close(self.data.std, fam.std)):
+            raise ConfigError(f"data.mean={list(self.data.mean)} data.std={list(self.data.std)} but {self.model.name}'s "
+                              f"{spec.backbone.family} tower expects mean {list(fam.mean)} std {list(fam.std)}")
+
+
+def _close(a, b) -> bool:
+    return len(a) == len(b) and all(abs(float(x) - y) < 1e-6 for x, y in zip(a, b))
 
 
 def load_experiment(path: Optional[str] = None, overrides=()) -> ExperimentConfig:

@@ -41,6 +41,11 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"{name}: {model.spec.description}")
         print(f"  backbone      {bb.family} {bb.open_clip_name}  width {bb.width}, {bb.layers} layers, "
               f"{bb.heads} heads, patch {bb.patch_size}, {bb.image_size}px")
+        from s4v.model.towers import position_scheme
+
+        prefix = ("CLS" if bb.class_token else "no CLS") + (f" + {bb.reg_tokens} registers" if bb.reg_tokens else "")
+        print(f"  tokens        {prefix}, {position_scheme(model.backbone.tower)} positions; side prompt: "
+              + ("CLS" if bb.class_token else "patch mean"))
         where = "every layer" if side.tap_every == 1 else f"after layers {taps[0]},{taps[1]},..,{taps[-1]}"
         print(f"  side network  width {side.width}, {side.num_heads} heads, {len(taps)} blocks ({where}), "
               f"{side.block_norm}-norm")

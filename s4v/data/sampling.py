@@ -2,7 +2,7 @@
 
 Both loaders call these functions with the same `rng` (see `sample_rng`), so for a given
 (seed, epoch, key) they decode exactly the same frames. Conventions, from the Side4Video code
-(spec sections 6.1 and 7), with n = frames in the video and T = frames per clip:
+(docs/method.md 6.1 and 7), with n = frames in the video and T = frames per clip:
 
 - `segment` (TSN, Something-Something): segment boundaries `i*n//T`; train picks a random
   frame inside each segment, test the segment middle. Videos with n <= T: every frame once plus

@@ -117,7 +117,7 @@ def normalize(flat: torch.Tensor, mean, invstd, weight=None, bias=None) -> torch
 
 
 def shift_cls(cls_tokens: torch.Tensor, num_frames: int) -> torch.Tensor:
-    """Temporal shift of the projected CLS tokens `[B*T, 1, D]` (spec 2.3).
+    """Temporal shift of the projected CLS tokens `[B*T, 1, D]` (docs/method.md 2.3).
 
     Channels `[0, D//2)` of frame t take frame t+1's value, channels `[D//2, D)` take frame t-1's;
     the clip ends get zeros. Frame t's own CLS is not kept.

@@ -1,4 +1,4 @@
-"""The Side4Video spatial-temporal side network (spec sections 2.2-2.4 and 4).
+"""The Side4Video spatial-temporal side network (docs/method.md 2.2-2.4 and 4).
 
 Pure `nn.Module`s that know only tensors. Token layout is `[B*T, N, D]` (frame-major within a
 clip); the side stream never carries a CLS token.
@@ -54,7 +54,7 @@ class Tap(nn.Module):
 
 
 class TemporalConv(nn.Module):
-    """Pointwise -> depthwise temporal (k, 1, 1) -> pointwise conv, no activation (spec 2.3.1)."""
+    """Pointwise -> depthwise temporal (k, 1, 1) -> pointwise conv, no activation (docs/method.md 2.3)."""
 
     def __init__(self, dim: int, hidden: int, kernel: int = 3):
         super().__init__()
@@ -190,7 +190,7 @@ class SideNetwork(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Initialisation as the official code ends up doing it (spec 2.4 and 4)."""
+        """Initialisation as the official code ends up doing it (docs/method.md 2.4 and 4)."""
         nn.init.normal_(self.pos_embed, std=self.spec.pos_init_std)
         if self.spec.init != "clip":
             return

@@ -1,4 +1,4 @@
-"""Text-video similarity (spec 5.3): weighted token-wise interaction (WTI, from DRL) and mean pooling.
+"""Text-video similarity (docs/method.md 5.3): weighted token-wise interaction (WTI, from DRL) and mean pooling.
 
 Both are split into a *prepare* step (per text / per video: L2-normalised features and softmax weights,
 which need the learned weight heads) and a *score* step that is a pure function of prepared tensors,

@@ -1,4 +1,4 @@
-"""BertAdam, the optimiser of the official retrieval recipe (spec 6.2, CLIP4Clip's `optimization.py`).
+"""BertAdam, the optimiser of the official retrieval recipe (docs/method.md 6.2, CLIP4Clip's `optimization.py`).
 
 Adam without bias correction and with decoupled weight decay (added to the update, scaled by the lr,
 as AdamW). The learning-rate schedule is left to the LR scheduler (`optim.schedule: cosine_global`

@@ -1,8 +1,8 @@
 """What differs between the training tasks, behind one small interface used by `loop.Trainer`.
 
 A task builds the model, says which modules DeepSpeed owns and with which parameter groups, computes
-the loss of a batch, evaluates, and exports. `recognition` is the classifier of spec 2 (its code moved
-here unchanged); `retrieval` is the text-video model of spec 5:
+the loss of a batch, evaluates, and exports. `recognition` is the classifier of docs/method.md 2 (its code moved
+here unchanged); `retrieval` is the text-video model of docs/method.md 5:
 
 - DeepSpeed owns the side network, the video head (post BN3d + zero-init `side_proj`), the tower's
   final norm/projection, the WTI heads, the temperature and, unless `retrieval.freeze_text`, the text
@@ -330,9 +330,11 @@ class RetrievalTask:
         return deepspeed_initialize(RetrievalEngineModule(trainer.model), ds_config, groups, lr_lambda, o)
 
     def tokenize(self, texts, device) -> torch.Tensor:
-        from s4v.model.retrieval import tokenize
+        from s4v.model.retrieval import text_config, tokenize
+        from s4v.model.specs import get_spec
 
-        return tokenize(texts, self.cfg.retrieval.max_words).to(device)
+        hf_name = text_config(get_spec(self.cfg.model.name).backbone.open_clip_name).get("hf_tokenizer_name", "")
+        return tokenize(texts, self.cfg.retrieval.max_words, hf_name).to(device)  # SigLIP2: its Gemma tokenizer
 
     def loss(self, trainer, batch: dict) -> torch.Tensor:
         device = trainer.info.device
