@@ -79,3 +79,19 @@ def test_preflight_refuses_an_indivisible_global_batch(tmp_path):
     cfg.train.grad_accum = 2
     with pytest.raises(ConfigError, match=r"train.grad_accum=2 but .* needs 3"):
         preflight(cfg, world_size=2)
+
+
+def test_retrieval_refuses_accumulation(tmp_path):
+    """The contrastive loss takes its negatives from one step's batch, so accumulating micro-batches would
+    train another loss: refused at start with the per-GPU batch that holds the global batch."""
+    from s4v.config import ConfigError
+    from s4v.experiment import load_experiment
+    from s4v.train.preflight import preflight
+    from tests._train_fixtures import tiny_overrides, write_tiny_shards
+
+    root = write_tiny_shards(tmp_path / "shards")
+    extra = {"task": "retrieval", "model.name": "s4v_retrieval_tiny", "model.num_classes": "auto",
+             "train.global_batch_size": 8}
+    cfg = load_experiment(None, tiny_overrides(root, tmp_path, "run", **extra))
+    with pytest.raises(ConfigError, match=r"retrieval does not accumulate .* set data.batch_size=4 so that 2 ranks"):
+        preflight(cfg, world_size=2)

@@ -65,6 +65,7 @@ def test_two_ranks_train_evaluate_and_export(zero2_two_ranks):
 
     sd = torch.load(export, weights_only=True)
     assert sd["includes_backbone"] is True  # random tower (no weights file): exported with the model
+    assert sd["preprocess"]["num_frames"] == 4 and sd["preprocess"]["image_size"] == 32  # for s4v predict
     model = load_model(export)
     assert model.num_classes == NUM_CLASSES and not model.training
     out = subprocess.run([sys.executable, "-m", "s4v.cli.main", "eval", str(run_dir)], cwd=REPO,

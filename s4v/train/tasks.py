@@ -128,8 +128,11 @@ class RecognitionTask:
         from s4v.data.format import SplitIndex
         from s4v.model.checkpoint_io import save_model
 
+        from s4v.infer.preprocess import protocol_dict
+
         classes = SplitIndex.load(self.cfg.data.root, self.cfg.data.train_split).classes  # kept for `s4v eval`
-        return _export(trainer, lambda path: save_model(trainer.model, path, classes=classes,
+        protocol = protocol_dict(self.cfg.data)  # the test protocol `s4v.load` / `s4v predict` follow
+        return _export(trainer, lambda path: save_model(trainer.model, path, classes=classes, preprocess=protocol,
                                                         include_backbone=self.cfg.model.pretrained is None))
 
 
