@@ -3,6 +3,7 @@ each family's real open_clip/timm configuration, shapes, freezing, gradients, th
 property, checkpoints written by the libraries themselves, offline `pretrained` names, real sizes."""
 import dataclasses
 import math
+from pathlib import Path
 
 import open_clip
 import pytest
@@ -278,3 +279,17 @@ def test_real_size_retrieval_models_on_meta(name):
         text = open_clip.create_model(bb.open_clip_name, device="meta").text if "custom_text" in cfg else None
     if text is not None:
         assert sum(p.numel() for p in model.text.parameters()) == sum(p.numel() for p in text.parameters())
+
+
+# ----------------------------------------------------------------------------- recipes
+@pytest.mark.parametrize("recipe", ["ssv2_pe_l14_336_f8", "ssv2_siglip2_b16_f8", "msrvtt_pe_l14_336_f12",
+                                    "msrvtt_siglip2_b16_f12"])
+def test_new_tower_recipes_load_and_normalise_as_their_tower(recipe):
+    from s4v.config import ConfigError
+    from s4v.experiment import load_experiment
+
+    path = str(Path(__file__).resolve().parents[1] / "ds_configs" / "experiments" / f"{recipe}.yaml")
+    cfg = load_experiment(path)
+    assert tuple(cfg.data.mean) == (0.5, 0.5, 0.5) and cfg.data.image_size == MODELS[cfg.model.name].backbone.image_size
+    with pytest.raises(ConfigError, match=r"tower expects mean \[0.5, 0.5, 0.5\]"):
+        load_experiment(path, ["data.mean=[0.48145466,0.4578275,0.40821073]"])
