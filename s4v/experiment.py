@@ -169,8 +169,9 @@ class ExperimentConfig:
 
         fam = family_info(spec.backbone.family)  # the tower only works on inputs normalised as it was trained
         if not (_close(self.data.mean, fam.mean) and _close(self.data.std, fam.std)):
-            raise ConfigError(f"data.mean={list(self.data.mean)} data.std={list(self.data.std)} but {self.model.name}'s "
-                              f"{spec.backbone.family} tower expects mean {list(fam.mean)} std {list(fam.std)}")
+            raise ConfigError(f"data.mean={list(self.data.mean)} data.std={list(self.data.std)} but "
+                              f"{self.model.name}'s {spec.backbone.family} tower expects mean {list(fam.mean)} "
+                              f"std {list(fam.std)}")
 
 
 def _close(a, b) -> bool:

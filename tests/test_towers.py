@@ -94,7 +94,8 @@ def _reference_embeddings(model, frames):
     """The tower's own image embedding, computed by timm's full forward with the model's weights."""
     spec = model.spec.backbone
     ref = build_tower(dataclasses.replace(spec, keep_head=True), list(range(spec.layers)), keep_head=True)
-    head = {theirs: model.visual_proj.state_dict()[ours] for ours, theirs in model.visual_proj.checkpoint_keys().items()}
+    mine = model.visual_proj.state_dict()
+    head = {theirs: mine[ours] for ours, theirs in model.visual_proj.checkpoint_keys().items()}
     ref.load_state_dict({**model.backbone.tower.state_dict(), **head}, strict=True)
     return ref.eval()(frames)
 

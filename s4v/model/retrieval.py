@@ -240,7 +240,8 @@ class Side4VideoRetrieval(nn.Module):
 
     def trainable_modules(self) -> nn.ModuleDict:
         """What an optimizer (DeepSpeed engine) owns. Side-rate parts: side, video_head, interaction;
-        CLIP-rate parts (docs/method.md 5.2, lr x coef 1e-3): visual_proj, temperature and the text tower unless frozen."""
+        CLIP-rate parts (docs/method.md 5.2, lr x coef 1e-3): visual_proj, temperature and the text tower
+        unless frozen."""
         parts = {"side": self.side, "video_head": self.video_head, "interaction": self.interaction,
                  "visual_proj": self.visual_proj, "temperature": self.temperature}
         if not self.freeze_text:

@@ -36,7 +36,8 @@ class FamilyInfo:
     timm_class: str  # "Eva" | "VisionTransformer" (their register-token keyword differs); "" for open_clip
     mean: tuple[float, float, float]  # input normalisation the tower was trained with
     std: tuple[float, float, float]
-    head: str  # the tower's embedding: "clip" (ln_post/proj), "token" (norm/head on CLS), "map" (attention pool), "none"
+    # the tower's embedding: "clip" (ln_post/proj), "token" (norm/head on CLS), "map" (attention pool), "none"
+    head: str
 
 
 FAMILIES: dict[str, FamilyInfo] = {
@@ -138,7 +139,8 @@ def position_scheme(tower: nn.Module) -> str:
     return "+".join(parts) or "none"
 
 
-def adapt_tower_state_dict(tower: nn.Module, spec: BackboneSpec, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def adapt_tower_state_dict(tower: nn.Module, spec: BackboneSpec,
+                           sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Turn a timm/Meta-format file of a new-family tower into the tower's own layout with timm's own
     converter (e.g. DINOv2/DINOv3 originals), and resample absolute position embeddings saved at another
     resolution (a DINOv2 file at 518px into a 224px tower). The paper's CLIP and EVA towers are left alone."""
