@@ -2,6 +2,9 @@
 
 Every row reads the same split with the same config; the ratio column is relative to the first
 row measured in this run. The first batch of each row (pipeline build, worker start) is not timed.
+`--baseline` adds, before each DALI row, the engine's old settings (one synchronous pipeline, no
+read-ahead, float32) in the same process, and `--repeat N` measures every row N times, interleaved,
+and reports medians: on a shared machine only ratios measured side by side mean anything.
 """
 from __future__ import annotations
 
@@ -25,6 +28,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampling", choices=["segment", "uniform"], default="segment")
     p.add_argument("--eval", action="store_true", help="eval mode (centre crop, fixed frames)")
     p.add_argument("--engines", default="auto", help="comma list of pyav,dali-cpu,dali-gpu (auto: all usable)")
+    p.add_argument("--image-size", type=int, default=224, help="output frame size")
+    p.add_argument("--pipelines", type=int, default=1, help="DALI pipelines (data.dali_pipelines)")
+    p.add_argument("--prefetch", type=int, default=2, help="DALI batches ahead per pipeline (data.dali_prefetch)")
+    p.add_argument("--read-threads", type=int, default=2, help="DALI read-ahead threads (data.dali_read_threads)")
+    p.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="DALI output dtype")
+    p.add_argument("--baseline", action="store_true", help="also the old DALI settings, for a before/after ratio")
+    p.add_argument("--repeat", type=int, default=1, help="measure every row this many times (medians reported)")
 
 
 def _engines(codec: str) -> list[tuple[str, str, Optional[str]]]:
@@ -70,32 +80,62 @@ def measure(cfg: DataConfig, split: str, train: bool, batches: int, device: str)
     return (clips / dt if dt > 0 else 0.0), clips, loader.skipped
 
 
+OLD_DALI = dict(dali_pipelines=1, dali_prefetch=1, dali_read_threads=0, output_dtype="float32")
+
+
 def main(argv: Optional[list[str]] = None) -> int:
+    import statistics
+
     p = argparse.ArgumentParser(prog="s4v bench loader", description=__doc__.splitlines()[0])
     add_arguments(p)
     a = p.parse_args(argv)
     index = SplitIndex.load(a.shards, a.split)
     base = DataConfig(root=a.shards, batch_size=a.batch_size, num_frames=a.num_frames, num_workers=a.workers,
-                      sampling=a.sampling, min_shards_per_reader=0)
+                      sampling=a.sampling, min_shards_per_reader=0, image_size=a.image_size,
+                      resize_short=max(a.image_size, round(a.image_size * 8 / 7)),
+                      resize_fixed=(a.image_size, a.image_size), dali_pipelines=a.pipelines,
+                      dali_prefetch=a.prefetch, dali_read_threads=a.read_threads, output_dtype=a.dtype)
     wanted = None if a.engines == "auto" else set(a.engines.split(","))
     need = a.batches + 1
     avail = index.num_samples // a.batch_size
     if avail < need:
         print(f"note: {index.num_samples} samples give {avail} batches; timing {max(0, avail - 1)}")
     print(f"split {a.split!r}: {index.num_samples} clips in {len(index.shards)} shards, codec {index.codec}; "
-          f"batch {a.batch_size} x {a.num_frames} frames, {'eval' if a.eval else 'train'} mode, {a.workers} workers")
-    print(f"{'engine':<10} {'clips/s':>9} {'ratio':>7} {'clips':>6} {'skipped':>8}")
-    ref = None
+          f"batch {a.batch_size} x {a.num_frames} frames of {a.image_size}px, {'eval' if a.eval else 'train'} mode, "
+          f"{a.workers} workers; DALI {a.pipelines} pipelines x {a.prefetch} ahead, {a.read_threads} read threads, "
+          f"{a.dtype}; {a.repeat} repeat(s), medians")
+    rows = []  # (name, config, device) in print order
     for name, loader, dev in _engines(index.codec):
         if wanted is not None and name not in wanted:
             continue
         if dev is not None and dev.startswith("skip"):
-            print(f"{name:<10} {'-':>9} {'-':>7} {'-':>6} {'-':>8}   ({dev[6:]})")
+            rows.append((name, dev, None))
             continue
         cfg = dataclasses.replace(base, loader=loader, device=dev or "cpu")
-        rate, clips, skipped = measure(cfg, a.split, not a.eval, a.batches, "cuda" if dev == "gpu" else "cpu")
+        if a.baseline and loader == "dali":
+            rows.append((f"{name}-old", dataclasses.replace(cfg, **OLD_DALI), dev))
+        rows.append((name, cfg, dev))
+    results: dict[str, list[tuple[float, int, int]]] = {}
+    for _ in range(max(1, a.repeat)):  # interleaved, so a busy moment hits every row alike
+        for name, cfg, dev in rows:
+            if not isinstance(cfg, str):
+                results.setdefault(name, []).append(
+                    measure(cfg, a.split, not a.eval, a.batches, "cuda" if dev == "gpu" else "cpu"))
+    print(f"{'engine':<13} {'clips/s':>9} {'ratio':>7} {'clips':>6} {'skipped':>8}")
+    ref = None
+    for name, cfg, dev in rows:
+        if isinstance(cfg, str):
+            print(f"{name:<13} {'-':>9} {'-':>7} {'-':>6} {'-':>8}   ({cfg[6:]})")
+            continue
+        runs = results[name]
+        rate = statistics.median(r for r, _, _ in runs)
         ref = ref or rate
-        print(f"{name:<10} {rate:9.1f} {rate / ref if ref else 0:7.2f} {clips:6d} {skipped:8d}")
+        print(f"{name:<13} {rate:9.1f} {rate / ref if ref else 0:7.2f} {runs[0][1]:6d} {max(r[2] for r in runs):8d}")
+    for name, cfg, dev in rows:
+        if f"{name}-old" in results:
+            ratios = [new[0] / old[0] for new, old in zip(results[name], results[f"{name}-old"]) if old[0] > 0]
+            spread = f" (runs: {', '.join(f'{r:.2f}' for r in ratios)})" if len(ratios) > 1 else ""
+            print(f"{name} speed-up over the old settings: {statistics.median(ratios):.2f}x{spread}")
     return 0
 
 

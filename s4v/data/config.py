@@ -56,6 +56,10 @@ class DataConfig:
     shuffle_buffer: int = 512  # train: samples per shuffle window (samples are permuted inside a window)
     min_shards_per_reader: int = 1  # raise unless shards >= this * world_size * max(1, num_workers); 0 disables
     prefetch: int = 2  # batches prepared ahead of the training loop
+    dali_pipelines: int = 1  # dali: pipelines per rank, batches dealt round-robin (GPU: each keeps ~one NVDEC engine busy)
+    dali_prefetch: int = 2  # dali: batches each pipeline runs ahead, pipelined and async (1: synchronous, the old engine)
+    dali_read_threads: int = 2  # dali: threads reading tar members and planning samples ahead (0: in the driving thread)
+    output_dtype: Literal["auto", "float32", "float16"] = "auto"  # dali: video dtype; auto: float16 under a half-precision tower (experiments), else float32
     seed: int = 0  # base seed of shard order, frame sampling and augmentation
     num_classes: Optional[int] = None  # labels outside [0, num_classes) are skipped and counted (None: no check); the trainer sets model.num_classes
 
@@ -86,6 +90,11 @@ class DataConfig:
                 parse_rand_augment(self.rand_augment)
             except ValueError as e:
                 bad(str(e))
+        for name in ("dali_pipelines", "dali_prefetch"):
+            if getattr(self, name) < 1:
+                bad(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.dali_read_threads < 0:
+            bad(f"dali_read_threads must be >= 0, got {self.dali_read_threads}")
         if self.num_workers < 0 or self.shuffle_buffer < 1:
             bad("num_workers must be >= 0 and shuffle_buffer >= 1")
         if self.num_classes is not None and self.num_classes < 1:
