@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from s4v.data.augment import RA_BINS, RA_OPS, SamplePlan, View
-from s4v.data.batch import HostBatch, assemble, prepare_batch
+from s4v.data.augment import RA_BINS, RA_OPS, SamplePlan, View, num_views
+from s4v.data.batch import HostBatch, prepare_batch
 from s4v.data.config import DataConfig
 from s4v.data.reader import RawSample, SampleError, ShardReader
 from s4v.data.shards import ShardTable, worker_batches
@@ -115,42 +115,14 @@ def rand_augment(x: torch.Tensor, ops: list[tuple[int, int]], max_translate: int
 
 
 def _resize(x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """Antialiased bilinear resize of [N, 3, H, W] (float or uint8) to `hw` (s4v.infer.video_file uses it)."""
     if tuple(x.shape[-2:]) == tuple(hw):
         return x
     return F.interpolate(x, size=hw, mode="bilinear", align_corners=False, antialias=True)
 
 
-def render_sample(cfg: DataConfig, raw: RawSample, plan: SamplePlan) -> torch.Tensor:
-    """Decode and augment one sample: [V, T, 3, image_size, image_size] float32, normalised."""
-    decoded = decode_frames(raw.key, raw.video, plan.frames.reshape(-1))
-    rh, rw = plan.resized
-    full = any(v.ra for v in plan.views)  # RandAugment runs on the source frames, before resizing
-    cache: dict[int, torch.Tensor] = {}
-
-    def frame(i: int) -> torch.Tensor:
-        if i not in cache:
-            fr = decoded[i]
-            arr = fr.to_ndarray(format="rgb24") if full else fr.to_ndarray(format="rgb24", width=rw, height=rh)
-            cache[i] = torch.from_numpy(arr)
-        return cache[i]
-
-    mean = torch.tensor(cfg.mean).view(1, 3, 1, 1) * 255
-    std = torch.tensor(cfg.std).view(1, 3, 1, 1) * 255
-    s = cfg.image_size
-    out = []
-    for view in plan.views:
-        clip = torch.stack([frame(int(i)) for i in plan.frames[view.clip]]).permute(0, 3, 1, 2)  # T,3,H,W uint8
-        if full:
-            if view.ra:
-                clip = rand_augment(clip, view.ra, cfg.rand_augment_translate)
-            clip = _resize(clip.float(), (rh, rw))
-        y0, x0, y1, x1 = (int(round(c)) for c in view.box)
-        clip = _resize(clip[:, :, y0:y1, x0:x1].float(), (s, s)).clamp_(0, 255)
-        out.append(_finish(clip, view, mean, std))
-    return torch.stack(out)
-
-
 def _finish(clip: torch.Tensor, view: View, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Flip, grayscale and normalise float frames [T, 3, S, S] (s4v.infer.video_file's path)."""
     if view.flip:
         clip = clip.flip(-1)
     if view.gray:
@@ -159,20 +131,115 @@ def _finish(clip: torch.Tensor, view: View, mean: torch.Tensor, std: torch.Tenso
     return ((clip - mean) / std).contiguous()
 
 
-def render_batch(cfg: DataConfig, train: bool, hb: HostBatch) -> tuple[dict, list[tuple[str, str]]]:
-    views: list[Optional[torch.Tensor]] = []
+def source_box(plan: SamplePlan, view: View) -> tuple[int, int, int, int]:
+    """The view's crop box in whole source pixels (plan.roi() rounded, at least one pixel)."""
+    h, w = plan.size
+    y0, x0, y1, x1 = plan.roi(view)
+    y0, x0 = min(max(0, round(y0)), h - 1), min(max(0, round(x0)), w - 1)
+    return y0, x0, max(y0 + 1, min(h, round(y1))), max(x0 + 1, min(w, round(x1)))
+
+
+class _Normaliser:
+    """uint8 [T, 3, S, S] -> normalised float32 written into a slice of the batch, in two passes."""
+
+    def __init__(self, cfg: DataConfig):
+        self.mean = torch.tensor(cfg.mean).view(1, 3, 1, 1) * 255
+        self.inv_std = 1.0 / (torch.tensor(cfg.std).view(1, 3, 1, 1) * 255)
+        self.luma = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+
+    def __call__(self, x: torch.Tensor, gray: bool, out: torch.Tensor) -> None:
+        if gray:  # luma from the resampled pixels, then each channel normalised as usual
+            x = (x * self.luma).sum(1, keepdim=True).expand(-1, 3, -1, -1)
+        torch.sub(x, self.mean, out=out)
+        out.mul_(self.inv_std)
+
+
+def render_sample(cfg: DataConfig, raw: RawSample, plan: SamplePlan, out: Optional[torch.Tensor] = None,
+                  norm: Optional[_Normaliser] = None) -> torch.Tensor:
+    """Decode and augment one sample into `out` (allocated if None): [V, T, 3, image_size, image_size]
+    float32, normalised.
+
+    Each kept frame is converted to RGB at its own size (no swscale resampling), RandAugment (if any)
+    runs on those source frames, and the view's box in source pixels is resampled once, on uint8,
+    straight to image_size; flip and normalisation follow on the small result.
+    """
+    decoded = decode_frames(raw.key, raw.video, plan.frames.reshape(-1))
+    s = cfg.image_size
+    if out is None:
+        out = torch.empty(len(plan.views), plan.frames.shape[1], 3, s, s)
+    norm = norm or _Normaliser(cfg)
+    rgb: dict[int, np.ndarray] = {}
+    for i in np.unique(plan.frames):
+        rgb[int(i)] = decoded[int(i)].to_ndarray(format="rgb24")  # [H, W, 3], native size
+    for v, view in enumerate(plan.views):
+        y0, x0, y1, x1 = source_box(plan, view)
+        idx = [int(i) for i in plan.frames[view.clip]]
+        if view.ra:  # the ops see the whole frame (translate/rotate fill from outside the box)
+            clip = torch.from_numpy(np.stack([rgb[i] for i in idx])).permute(0, 3, 1, 2)
+            clip = rand_augment(clip, view.ra, cfg.rand_augment_translate)[:, :, y0:y1, x0:x1]
+        else:  # crop before stacking: only the box's pixels are copied
+            clip = torch.from_numpy(np.stack([rgb[i][y0:y1, x0:x1] for i in idx])).permute(0, 3, 1, 2)
+        clip = _resize(clip.contiguous(memory_format=torch.channels_last), (s, s))
+        if view.flip:
+            clip = clip.flip(-1)
+        norm(clip, view.gray, out[v])
+    return out
+
+
+def _shared_empty(shape: tuple[int, ...]) -> torch.Tensor:
+    """A float32 tensor born in shared memory: a DataLoader worker hands it over without a copy."""
+    storage = torch.UntypedStorage._new_shared(math.prod(shape) * 4)
+    return torch.empty(0, dtype=torch.float32).set_(storage, 0, shape)
+
+
+def render_batch(cfg: DataConfig, train: bool, hb: HostBatch, pin: bool = False) -> tuple[dict, list[tuple[str, str]]]:
+    """Render a batch into one preallocated tensor (shared memory in a DataLoader worker, pinned when
+    `pin` in the main process) and build the batch dict of `batch.assemble`'s contract."""
+    v = num_views(cfg, train)
+    shape = (len(hb.slots), v, cfg.num_frames, 3, cfg.image_size, cfg.image_size)
+    if get_worker_info() is not None:
+        video = _shared_empty(shape)
+    else:
+        video = torch.empty(shape, pin_memory=pin)
+    norm = _Normaliser(cfg)
     skipped = list(hb.skipped)
-    for slot in hb.slots:
+    ok: list[int] = []
+    for i, slot in enumerate(hb.slots):
         if slot is None:
-            views.append(None)
             continue
         raw, plan = slot
         try:
-            views.append(render_sample(cfg, raw, plan))
+            render_sample(cfg, raw, plan, video[i], norm)
+            ok.append(i)
         except SampleError as e:
             skipped.append((e.key, e.reason))
-            views.append(None)
-    return assemble(cfg, train, hb.slots, views), skipped
+    return fill_batch(cfg, train, hb.slots, video, ok), skipped
+
+
+def fill_batch(cfg: DataConfig, train: bool, slots: list, video: torch.Tensor, ok: list[int]) -> dict:
+    """`batch.assemble` on a batch rendered in place: slots not in `ok` get a copy of the first
+    rendered sample (zeros when none), labels/keys/valid as there."""
+    labels, keys = [], []
+    for i in range(len(slots)):
+        src = i if i in ok else (ok[0] if ok else None)
+        if src is None:
+            video[i].zero_()
+            labels.append([0] * video.shape[1])
+            keys.append("")
+            continue
+        if src != i:
+            video[i].copy_(video[src])
+        plan = slots[src][1]
+        labels.append([vw.label for vw in plan.views])
+        keys.append(plan.key)
+    valid = torch.tensor([i in ok for i in range(len(slots))], dtype=torch.bool)
+    v = video.shape[1]
+    if train:
+        return {"video": video.flatten(0, 1),
+                "label": torch.tensor(np.asarray(labels).reshape(-1), dtype=torch.int64),
+                "key": [k for k in keys for _ in range(v)], "valid": valid.repeat_interleave(v)}
+    return {"video": video, "label": torch.tensor([lab[0] for lab in labels], dtype=torch.int64),
+            "key": keys, "valid": valid}
 
 
 # ----------------------------------------------------------------------------- engine
@@ -180,9 +247,9 @@ def render_batch(cfg: DataConfig, train: bool, hb: HostBatch) -> tuple[dict, lis
 
 class _EpochDataset(IterableDataset):
     def __init__(self, cfg: DataConfig, root: str, table: ShardTable, batches: np.ndarray, start: int,
-                 train: bool, epoch: int):
+                 train: bool, epoch: int, pin: bool = False):
         self.cfg, self.root, self.table, self.batches = cfg, root, table, batches
-        self.start, self.train, self.epoch = start, train, epoch
+        self.start, self.train, self.epoch, self.pin = start, train, epoch, pin
 
     def __iter__(self):
         info = get_worker_info()
@@ -192,7 +259,7 @@ class _EpochDataset(IterableDataset):
         try:
             for b in worker_batches(len(self.batches), self.start, w, nw):
                 hb = prepare_batch(self.cfg, reader, b, self.batches[b], self.train, self.epoch)
-                batch, skipped = render_batch(self.cfg, self.train, hb)
+                batch, skipped = render_batch(self.cfg, self.train, hb, pin=self.pin)
                 batch["_index"], batch["_skipped"] = b, skipped
                 yield batch
         finally:
@@ -208,8 +275,10 @@ class PyAVEngine:
 
     def iter_batches(self, batches: np.ndarray, start: int, epoch: int) -> Iterator[dict]:
         """Yield batch dicts with `_index` and `_skipped` for batches [start, len(batches))."""
-        ds = _EpochDataset(self.cfg, self.root, self.table, batches, start, self.train, epoch)
         nw = min(self.cfg.num_workers, max(0, len(batches) - start))
+        # in-process batches are rendered straight into pinned memory (DataLoader's pinning then keeps
+        # them as they are); workers render into shared memory and the DataLoader pins a copy
+        ds = _EpochDataset(self.cfg, self.root, self.table, batches, start, self.train, epoch, self.pin and not nw)
         dl = DataLoader(ds, batch_size=None, num_workers=nw, prefetch_factor=max(1, self.cfg.prefetch) if nw else None,
                         persistent_workers=False, timeout=600 if nw else 0, pin_memory=self.pin,
                         worker_init_fn=_ignore_preemption_signals if nw else None)
