@@ -3,8 +3,8 @@
 Both loaders execute a `SamplePlan` the same way: decode `frames` (all clips), optionally apply
 the RandAugment ops of each view to the full-size frames, crop `box` (pixels of the frame resized
 to `resized`) and resize it to `image_size`, flip, grayscale, normalise. DALI does the crop and
-both resizes in one ROI resize (`roi()` maps the box back to source pixels); PyAV resizes first
-and then crops. Because the choices are data, a rebuilt or resumed pipeline reproduces them.
+both resizes in one ROI resize (`roi()` maps the box back to source pixels); PyAV does the same
+with the box rounded to whole source pixels. Because the choices are data, a rebuilt or resumed pipeline reproduces them.
 
 RandAugment follows the official one (SlowFast/timm `rand_augment.py`, "rand-m7-n4-mstd0.5-inc1"):
 n ops drawn with replacement, each applied with probability 0.5, the same op and magnitude on every

@@ -1,8 +1,10 @@
 """Pure-PyTorch fallback engine: PyAV decoding with keyframe-aware seeking in DataLoader workers.
 
 Same samples, frame indices and augmentation choices as the DALI engine (both execute the
-`SamplePlan`s of augment.py); only the pixel arithmetic differs (swscale/torch resampling,
-torchvision RandAugment ops), so outputs agree to within a few grey levels.
+`SamplePlan`s of augment.py); only the pixel arithmetic differs (one antialiased uint8 resampling of
+the crop box rounded to whole source pixels, torchvision RandAugment ops), so outputs agree to within
+a few grey levels. Each batch is normalised once into one preallocated tensor: in shared memory in a
+DataLoader worker (handed over without a copy), pinned when rendered in-process for a GPU run.
 """
 from __future__ import annotations
 
@@ -115,20 +117,10 @@ def rand_augment(x: torch.Tensor, ops: list[tuple[int, int]], max_translate: int
 
 
 def _resize(x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-    """Antialiased bilinear resize of [N, 3, H, W] (float or uint8) to `hw` (s4v.infer.video_file uses it)."""
+    """Antialiased bilinear resize of [N, 3, H, W] (uint8 or float) to `hw`."""
     if tuple(x.shape[-2:]) == tuple(hw):
         return x
     return F.interpolate(x, size=hw, mode="bilinear", align_corners=False, antialias=True)
-
-
-def _finish(clip: torch.Tensor, view: View, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """Flip, grayscale and normalise float frames [T, 3, S, S] (s4v.infer.video_file's path)."""
-    if view.flip:
-        clip = clip.flip(-1)
-    if view.gray:
-        g = (0.299 * clip[:, 0] + 0.587 * clip[:, 1] + 0.114 * clip[:, 2]).unsqueeze(1)
-        clip = g.expand(-1, 3, -1, -1)
-    return ((clip - mean) / std).contiguous()
 
 
 def source_box(plan: SamplePlan, view: View) -> tuple[int, int, int, int]:
@@ -157,23 +149,27 @@ class _Normaliser:
 def render_sample(cfg: DataConfig, raw: RawSample, plan: SamplePlan, out: Optional[torch.Tensor] = None,
                   norm: Optional[_Normaliser] = None) -> torch.Tensor:
     """Decode and augment one sample into `out` (allocated if None): [V, T, 3, image_size, image_size]
-    float32, normalised.
-
-    Each kept frame is converted to RGB at its own size (no swscale resampling), RandAugment (if any)
-    runs on those source frames, and the view's box in source pixels is resampled once, on uint8,
-    straight to image_size; flip and normalisation follow on the small result.
-    """
+    float32, normalised. Each kept frame is converted to RGB at its own size (no swscale resampling)."""
     decoded = decode_frames(raw.key, raw.video, plan.frames.reshape(-1))
+    rgb = {int(i): decoded[int(i)].to_ndarray(format="rgb24") for i in np.unique(plan.frames)}
+    return render_views(cfg, plan, rgb, plan.frames, out, norm)
+
+
+def render_views(cfg: DataConfig, plan: SamplePlan, rgb: dict[int, np.ndarray], frames: np.ndarray,
+                 out: Optional[torch.Tensor] = None, norm: Optional[_Normaliser] = None) -> torch.Tensor:
+    """The views of `plan` from source-size RGB frames (`rgb[i]`: [H, W, 3] uint8 of frame i, `frames`:
+    the plan's [clips, T] indices) into `out` [V, T, 3, S, S] float32, normalised.
+
+    RandAugment (if any) runs on the source frames; the view's box in source pixels is resampled once,
+    on uint8, straight to image_size; flip and normalisation follow on the small result.
+    """
     s = cfg.image_size
     if out is None:
-        out = torch.empty(len(plan.views), plan.frames.shape[1], 3, s, s)
+        out = torch.empty(len(plan.views), frames.shape[1], 3, s, s)
     norm = norm or _Normaliser(cfg)
-    rgb: dict[int, np.ndarray] = {}
-    for i in np.unique(plan.frames):
-        rgb[int(i)] = decoded[int(i)].to_ndarray(format="rgb24")  # [H, W, 3], native size
     for v, view in enumerate(plan.views):
         y0, x0, y1, x1 = source_box(plan, view)
-        idx = [int(i) for i in plan.frames[view.clip]]
+        idx = [int(i) for i in frames[view.clip]]
         if view.ra:  # the ops see the whole frame (translate/rotate fill from outside the box)
             clip = torch.from_numpy(np.stack([rgb[i] for i in idx])).permute(0, 3, 1, 2)
             clip = rand_augment(clip, view.ra, cfg.rand_augment_translate)[:, :, y0:y1, x0:x1]

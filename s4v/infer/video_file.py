@@ -21,7 +21,7 @@ import torch
 
 from s4v.data.augment import SamplePlan, plan_sample
 from s4v.data.config import DataConfig
-from s4v.data.pyav_loader import _finish, _resize  # the eval loader's own pixel arithmetic
+from s4v.data.pyav_loader import render_views  # the eval loader's own pixel arithmetic
 
 
 class VideoReadError(Exception):
@@ -100,9 +100,7 @@ def read_clip(path: str | os.PathLike, cfg: DataConfig, threads: int = 0) -> Vid
                     k = rotation // 90
                     plan = _display_plan(cfg, path, n, height, width, rotation)  # same frames, display size
                 if i in wanted:
-                    rh, rw = plan.resized  # displayed; the stored frame is turned by -rotation
-                    sh, sw = (rw, rh) if k % 2 else (rh, rw)
-                    arr = frame.to_ndarray(format="rgb24", width=sw, height=sh)
+                    arr = frame.to_ndarray(format="rgb24")  # stored size; displayed once turned by rotation
                     arrays[i] = np.ascontiguousarray(np.rot90(arr, k)) if k else arr
                 if i >= last:
                     break
@@ -116,16 +114,6 @@ def read_clip(path: str | os.PathLike, cfg: DataConfig, threads: int = 0) -> Vid
 
 
 def render(cfg: DataConfig, plan: SamplePlan, frames: np.ndarray, arrays: dict[int, np.ndarray]) -> torch.Tensor:
-    """The test views of `plan` from resized RGB frames: crop, resize to image_size, normalise
-    (s4v.data.pyav_loader.render_sample's test path)."""
-    mean = torch.tensor(cfg.mean).view(1, 3, 1, 1) * 255
-    std = torch.tensor(cfg.std).view(1, 3, 1, 1) * 255
-    s = cfg.image_size
-    cache = {i: torch.from_numpy(a) for i, a in arrays.items()}
-    out = []
-    for view in plan.views:
-        clip = torch.stack([cache[int(i)] for i in frames[view.clip]]).permute(0, 3, 1, 2)  # T,3,H,W uint8
-        y0, x0, y1, x1 = (int(round(c)) for c in view.box)
-        clip = _resize(clip[:, :, y0:y1, x0:x1].float(), (s, s)).clamp_(0, 255)
-        out.append(_finish(clip, view, mean, std))
-    return torch.stack(out)
+    """The test views of `plan` from display-size RGB frames: crop, resize to image_size, normalise
+    (s4v.data.pyav_loader.render_sample's path)."""
+    return render_views(cfg, plan, arrays, frames)
