@@ -251,6 +251,7 @@ def _library_tower_params(bb) -> int:
     return sum(p.numel() for n, p in tower.named_parameters() if not n.startswith(drop))
 
 
+PAPER = {"s4v_retrieval_b32", "s4v_retrieval_b16", "s4v_retrieval_l14", "s4v_retrieval_e14"}  # tests/test_retrieval.py
 # trainable parameters (174 classes, 8 frames), as printed by `s4v info` and the README table
 TRAINABLE = {
     "s4v_l14_336": 102_272_686, "s4v_eva02_l14": 102_108_846, "s4v_pe_b16": 21_112_686,
@@ -259,7 +260,11 @@ TRAINABLE = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(TRAINABLE))
+def _slow_if_giant(names):  # G/14-size towers take seconds even on meta; they still run in `make test`
+    return [pytest.param(n, marks=pytest.mark.slow) if "_g14" in n else n for n in names]
+
+
+@pytest.mark.parametrize("name", _slow_if_giant(sorted(TRAINABLE)))
 def test_real_size_models_on_meta(name):
     model = s4v.create_model(name, 174, 8, device="meta")
     bb = model.spec.backbone
@@ -270,7 +275,7 @@ def test_real_size_models_on_meta(name):
     assert taps[-1] == bb.layers - 1 and len(taps) == (bb.layers if bb.layers <= 24 else math.ceil(bb.layers / 2))
 
 
-@pytest.mark.parametrize("name", sorted(n for n in RETRIEVAL if "tiny" not in n))
+@pytest.mark.parametrize("name", _slow_if_giant(sorted(n for n in RETRIEVAL if "tiny" not in n and n not in PAPER)))
 def test_real_size_retrieval_models_on_meta(name):
     model = s4v.create_model(name, device="meta")
     bb = model.spec.backbone
@@ -294,3 +299,16 @@ def test_new_tower_recipes_load_and_normalise_as_their_tower(recipe):
     assert tuple(cfg.data.mean) == (0.5, 0.5, 0.5) and cfg.data.image_size == MODELS[cfg.model.name].backbone.image_size
     with pytest.raises(ConfigError, match=r"tower expects mean \[0.5, 0.5, 0.5\]"):
         load_experiment(path, ["data.mean=[0.48145466,0.4578275,0.40821073]"])
+
+
+@pytest.mark.parametrize("name,tokens", [("s4v_siglip2_b16", "no CLS, absolute positions; side prompt: patch mean"),
+                                         ("s4v_tiny_dinov3", "CLS + 4 registers, rope positions; side prompt: CLS"),
+                                         ("s4v_retrieval_tiny_pe", "CLS, absolute+rope positions; side prompt: CLS")])
+def test_info_reports_tokens_params_and_flops_on_meta(name, tokens, capsys):
+    from s4v.cli.main import main
+
+    assert main(["info", name]) == 0
+    out = capsys.readouterr().out
+    assert tokens in out and "trainable" in out and "GFLOPs/view" in out
+    if name in TRAINABLE:
+        assert f"trainable {TRAINABLE[name]:,}" in out
