@@ -9,7 +9,10 @@ complete split.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -23,14 +26,42 @@ def staging_dir(out: Path, split: str) -> Path:
     return Path(out) / STAGING / split
 
 
+def is_shard_file(name: str, split: str) -> bool:
+    """`{split}-NNNNNN.tar` / `-NNNNNN-PP.tar` (and `.idx`), not the files of a split named `{split}-1k`."""
+    return re.fullmatch(rf"{re.escape(split)}-\d{{6}}(-\d{{2}})?\.(tar|idx)", name) is not None
+
+
 def split_files(folder: Path, split: str) -> list[Path]:
     """A split's shards, `.idx` files and rejects list in `folder` (not its index)."""
-    patterns = (f"{split}-[0-9]*.tar", f"{split}-[0-9]*.idx", f"{split}-rejects.jsonl")
-    return sorted(p for pattern in patterns for p in Path(folder).glob(pattern))
+    shards = [p for p in Path(folder).glob(f"{split}-*") if is_shard_file(p.name, split)]
+    rejects = Path(folder) / f"{split}-rejects.jsonl"
+    return sorted(shards + ([rejects] if rejects.exists() else []))
+
+
+@contextlib.contextmanager
+def split_lock(out: Path, split: str):
+    """An exclusive lock over replacing `split` in `out` (the tasks of a job array may finish together);
+    released when the process ends, whatever the way."""
+    (Path(out) / JOURNAL).mkdir(parents=True, exist_ok=True)
+    with open(Path(out) / JOURNAL / f"{split}.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def replace_split(staged: Path, out: Path, split: str) -> Path:
-    """Move the complete split in `staged` over `split` in `out`; returns the new index's path."""
+    """Move the complete split in `staged` over `split` in `out`; returns the new index's path. Under a
+    lock: when another task of the job already moved it, there is nothing left to do."""
+    with split_lock(out, split):
+        index_name = INDEX_NAME.format(split=split)
+        if not (staged / index_name).is_file() and (Path(out) / index_name).is_file() and not staged.exists():
+            return Path(out) / index_name  # another task of the job array replaced the split already
+        return _replace_split(staged, out, split)
+
+
+def _replace_split(staged: Path, out: Path, split: str) -> Path:
     index_name = INDEX_NAME.format(split=split)
     if not (staged / index_name).is_file():
         raise FileNotFoundError(f"no complete staged split {staged / index_name}")

@@ -35,7 +35,7 @@ from s4v.data.format import INDEX_NAME, ClipMeta, ShardInfo, SplitIndex, sample_
 from s4v.fileio import atomic_write, atomic_write_bytes
 
 from data_prep.records import VideoRecord
-from data_prep.staging import JOURNAL, replace_split, staging_dir
+from data_prep.staging import JOURNAL, replace_split, split_files, staging_dir
 from data_prep.tarwriter import TarSampleWriter, member_bytes
 from data_prep.transcode import RejectError, probe_clip
 
@@ -278,10 +278,8 @@ def _plan_path(out: Path, split: str) -> Path:
 
 def _clear_split(out: Path, split: str) -> None:
     shutil.rmtree(journal_dir(out, split), ignore_errors=True)
-    for pattern in (f"{split}-[0-9]*.tar", f"{split}-[0-9]*.idx", INDEX_NAME.format(split=split),
-                    REJECTS_NAME.format(split=split)):
-        for path in Path(out).glob(pattern):
-            path.unlink()
+    for path in split_files(out, split) + [Path(out) / INDEX_NAME.format(split=split)]:
+        path.unlink(missing_ok=True)
 
 
 def write_split(records: Sequence[VideoRecord], produce: Producer, opts: ShardOptions) -> Summary:

@@ -140,3 +140,31 @@ def test_overwrite_replaces_the_split_only_when_complete(made, tmp_path, monkeyp
                                                                                "plan.json"]
     assert _shard(new, out) == 0  # a plain rerun is a no-op on the new split
 
+
+
+def test_split_files_do_not_match_a_longer_split_name(tmp_path):
+    """Overwriting split `train` must not touch the shards of a split named `train-1k`."""
+    from data_prep.staging import split_files
+
+    for name in ("train-000000.tar", "train-000001-02.tar", "train-000000.idx", "train-rejects.jsonl",
+                 "train-1k-000000.tar", "train-1k-000000.idx", "train-index.json"):
+        (tmp_path / name).write_bytes(b"")
+    assert [p.name for p in split_files(tmp_path, "train")] == [
+        "train-000000.idx", "train-000000.tar", "train-000001-02.tar", "train-rejects.jsonl"]
+
+
+def test_a_second_task_finding_the_split_replaced_does_nothing(tmp_path):
+    """Two tasks of a job array may both see every group done: the second, under the lock, finds the
+    split already replaced and leaves it alone."""
+    from data_prep.staging import replace_split, staging_dir
+
+    out = tmp_path / "out"
+    staged = staging_dir(out, "train")
+    staged.mkdir(parents=True)
+    (staged / "train-000000.tar").write_bytes(b"new")
+    (staged / ".s4v-journal" / "train").mkdir(parents=True)
+    (staged / "train-index.json").write_text("{}")
+    (out / "train-000000.tar").write_bytes(b"old")
+    assert replace_split(staged, out, "train") == out / "train-index.json"
+    assert replace_split(staged, out, "train") == out / "train-index.json"  # the late task
+    assert (out / "train-000000.tar").read_bytes() == b"new" and (out / "train-index.json").is_file()
