@@ -5,6 +5,9 @@ row measured in this run. The first batch of each row (pipeline build, worker st
 `--baseline` adds, before each DALI row, the engine's old settings (one synchronous pipeline, no
 read-ahead, float32) in the same process, and `--repeat N` measures every row N times, interleaved,
 and reports medians: on a shared machine only ratios measured side by side mean anything.
+The timed batches end at the last one counted (no batch beyond it, no worker shutdown). Reference rows
+(`pyav-plain`, `torchcodec`: a plain decode of the same frames with a uint8 crop/resize and no s4v
+code, s4v/bench/loader_reference.py) follow the PyAV row, with the loader's rate over theirs.
 """
 from __future__ import annotations
 
@@ -35,6 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="DALI output dtype")
     p.add_argument("--baseline", action="store_true", help="also the old DALI settings, for a before/after ratio")
     p.add_argument("--repeat", type=int, default=1, help="measure every row this many times (medians reported)")
+    p.add_argument("--no-reference", action="store_true",
+                   help="skip the reference rows (plain PyAV / torchcodec decode-and-crop of the same frames)")
 
 
 def _engines(codec: str) -> list[tuple[str, str, Optional[str]]]:
@@ -59,25 +64,46 @@ def _engines(codec: str) -> list[tuple[str, str, Optional[str]]]:
 
 def measure(cfg: DataConfig, split: str, train: bool, batches: int, device: str) -> tuple[float, int, int]:
     """(clips/s, clips timed, skipped samples) over `batches` batches after one untimed batch."""
-    import torch
-
     from s4v.data.loader import build_loader
 
     loader = build_loader(cfg, split, train=train, device=device)
+    rate, clips = time_batches(loader, batches)
+    return rate, clips, loader.skipped
+
+
+def time_batches(loader, batches: int) -> tuple[float, int]:
+    """(clips/s, clips) of `batches` batches after one untimed one. The clock stops at the last timed
+    batch: no batch beyond it is waited for, and the loader's end (worker shutdown) is not timed."""
+    import torch
+
     it = iter(loader)
-    first = next(it)
-    clips = 0
-    t0 = time.perf_counter()
-    for i, b in enumerate(it):
-        if i >= batches:
-            break
-        v = b["video"]
-        if v.is_cuda:
-            torch.cuda.synchronize(v.device)
-        clips += v.shape[0] * (v.shape[1] if v.dim() == 6 else 1)
-    dt = time.perf_counter() - t0
-    del first, it
-    return (clips / dt if dt > 0 else 0.0), clips, loader.skipped
+    clips, n = 0, 0
+    try:
+        next(it)  # pipeline build, worker start
+        t0 = t1 = time.perf_counter()
+        for b in (it if batches > 0 else ()):
+            v = b["video"]
+            if v.is_cuda:
+                torch.cuda.synchronize(v.device)
+            clips += v.shape[0] * (v.shape[1] if v.dim() == 6 else 1)
+            n, t1 = n + 1, time.perf_counter()
+            if n >= batches:
+                break
+    except StopIteration:
+        return 0.0, 0
+    finally:
+        close = getattr(it, "close", None) or getattr(it, "_shutdown_workers", None)
+        if close is not None:
+            close()
+    return (clips / (t1 - t0) if t1 > t0 else 0.0), clips
+
+
+def measure_reference(cfg: DataConfig, split: str, train: bool, batches: int, decoder: str) -> tuple[float, int, int]:
+    """`measure` for a reference row (s4v/bench/loader_reference.py): same frames, no s4v code."""
+    from s4v.bench.loader_reference import reference_loader
+
+    rate, clips = time_batches(reference_loader(cfg, split, train, decoder), batches)
+    return rate, clips, 0
 
 
 OLD_DALI = dict(dali_pipelines=1, dali_prefetch=1, dali_read_threads=0, output_dtype="float32")
@@ -115,12 +141,20 @@ def main(argv: Optional[list[str]] = None) -> int:
         if a.baseline and loader == "dali":
             rows.append((f"{name}-old", dataclasses.replace(cfg, **OLD_DALI), dev))
         rows.append((name, cfg, dev))
+    if not a.no_reference and any(r[0] == "pyav" for r in rows):
+        from s4v.bench.loader_reference import torchcodec_problem
+
+        problem = torchcodec_problem()
+        rows.append(("pyav-plain", dataclasses.replace(base, loader="pyav"), "ref:pyav"))
+        rows.append(("torchcodec", f"skip: {problem}" if problem else dataclasses.replace(base, loader="pyav"),
+                     "ref:torchcodec"))
     results: dict[str, list[tuple[float, int, int]]] = {}
     for _ in range(max(1, a.repeat)):  # interleaved, so a busy moment hits every row alike
         for name, cfg, dev in rows:
             if not isinstance(cfg, str):
                 results.setdefault(name, []).append(
-                    measure(cfg, a.split, not a.eval, a.batches, "cuda" if dev == "gpu" else "cpu"))
+                    measure_reference(cfg, a.split, not a.eval, a.batches, dev[4:]) if str(dev).startswith("ref:")
+                    else measure(cfg, a.split, not a.eval, a.batches, "cuda" if dev == "gpu" else "cpu"))
     print(f"{'engine':<13} {'clips/s':>9} {'ratio':>7} {'clips':>6} {'skipped':>8}")
     ref = None
     for name, cfg, dev in rows:
@@ -136,6 +170,11 @@ def main(argv: Optional[list[str]] = None) -> int:
             ratios = [new[0] / old[0] for new, old in zip(results[name], results[f"{name}-old"]) if old[0] > 0]
             spread = f" (runs: {', '.join(f'{r:.2f}' for r in ratios)})" if len(ratios) > 1 else ""
             print(f"{name} speed-up over the old settings: {statistics.median(ratios):.2f}x{spread}")
+    for name in ("pyav-plain", "torchcodec"):  # the PyAV loader against plain decode-and-crop, run by run
+        ratios = [s4v[0] / r[0] for s4v, r in zip(results.get("pyav", []), results.get(name, [])) if r[0] > 0]
+        if ratios:
+            spread = f" (runs: {', '.join(f'{r:.2f}' for r in ratios)})" if len(ratios) > 1 else ""
+            print(f"s4v pyav / {name}: {statistics.median(ratios):.2f}x{spread}")
     return 0
 
 
