@@ -79,6 +79,7 @@ class TrainConfig:
     deterministic: bool = False  # torch deterministic algorithms (slower; for exact-resume checks)
     export: bool = True  # write the side network + head (no backbone) at the end
     log_samples: bool = False  # <run_dir>/samples/rank{R}.jsonl: epoch, step and sample keys of every micro-batch
+    compile: Literal["none", "side", "side+tower"] = "none"  # torch.compile the side network (and the frozen tower's forward)
 
     def validate(self) -> None:
         for name in ("epochs", "max_steps", "keep_checkpoints", "log_every_steps", "max_nonfinite_steps"):
@@ -179,4 +180,8 @@ def _close(a, b) -> bool:
 
 
 def load_experiment(path: Optional[str] = None, overrides=()) -> ExperimentConfig:
-    return load_config(ExperimentConfig, path, list(overrides))
+    cfg = load_config(ExperimentConfig, path, list(overrides))
+    if cfg.data.output_dtype == "auto":  # half-precision video for a half-precision tower (DALI; it casts anyway)
+        half = cfg.data.loader == "dali" and cfg.model.backbone_dtype in ("fp16", "bf16")
+        cfg.data.output_dtype = "float16" if half else "float32"
+    return cfg

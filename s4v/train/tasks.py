@@ -30,6 +30,7 @@ from torch import nn
 
 import s4v
 from s4v.experiment import ExperimentConfig
+from s4v.train.compile import compile_model
 from s4v.train.dist import DistInfo, barrier
 
 log = logging.getLogger("s4v.train")
@@ -78,7 +79,7 @@ class RecognitionTask:
         if self.cfg.train.sync_bn and info.world_size > 1:
             convert_sync_token_bn(model.side)
             convert_sync_token_bn(model.head)
-        return model
+        return compile_model(model, self.cfg.train.compile)
 
     def initialize(self, trainer, ds_config: dict, lr_lambda):
         from s4v.train.engine import TrainableSide, deepspeed_initialize, param_groups
@@ -323,7 +324,7 @@ class RetrievalTask:
             convert_sync_token_bn(model.side)
             convert_sync_token_bn(model.video_head)
         self.captions(self.cfg.data.train_split)
-        return model
+        return compile_model(model, self.cfg.train.compile)
 
     def initialize(self, trainer, ds_config: dict, lr_lambda):
         from s4v.train.engine import deepspeed_initialize
