@@ -40,6 +40,9 @@ def tiny_overrides(root, out, run, **extra) -> list[str]:
 def losses(run_dir) -> dict[int, float]:
     """step -> training loss, from a run's metrics.jsonl."""
     rows = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if "train/loss" in r]
+    twice = sorted({s for s in steps if steps.count(s) > 1})
+    assert not twice, f"{run_dir}/metrics.jsonl logs steps {twice} more than once"
     return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
 
 

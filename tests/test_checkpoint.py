@@ -198,3 +198,23 @@ def test_resume_keeps_each_config_and_logs_the_differences(tmp_path, caplog):
     diffs = [r.getMessage() for r in caplog.records if "config changed on resume" in r.getMessage()]
     assert diffs == [f"config changed on resume (config.yaml -> config.resume-1.yaml): optim.lr: {cfg.optim.lr!r} "
                      f"-> {cfg.optim.lr * 2!r}"]
+
+
+def test_resume_from_an_older_checkpoint_sets_the_later_ones_aside_and_pruning_keeps_the_new_one(tmp_path):
+    """Resuming from step 2 while steps 4 and 6 exist (an abandoned continuation): 4 and 6 move to
+    `abandoned/`, so the next save (step 3, keep=1) is kept and `resume=auto` loads it, not step 6."""
+    ckpts = tmp_path / "checkpoints"
+    for step in (2, 4, 6):
+        _save(ckpts, step)
+    assert checkpoint.set_aside_newer(ckpts, 2) == ["step_00000004", "step_00000006"]
+    assert sorted(p.name.split("-")[0] for p in (ckpts / "abandoned").iterdir()) == ["step_00000004", "step_00000006"]
+    tag = checkpoint.save(FakeEngine(), ckpts, 3, {"step": 3}, {}, keep=1)
+    assert checkpoint.complete_tags(ckpts) == [tag] == [checkpoint.latest_tag(ckpts)]
+
+
+def test_pruning_never_removes_the_checkpoint_just_written(tmp_path):
+    ckpts = tmp_path / "checkpoints"
+    for step in (5, 7):
+        _save(ckpts, step)
+    tag = checkpoint.save(FakeEngine(), ckpts, 6, {"step": 6}, {}, keep=2)  # a lower step than an older save
+    assert tag in checkpoint.complete_tags(ckpts) and checkpoint.latest_tag(ckpts) == tag

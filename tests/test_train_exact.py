@@ -123,3 +123,17 @@ def test_resume_with_another_global_batch_or_class_list_is_refused(shards, tmp_p
     (renamed / "train-index.json").write_text(json.dumps(index))
     proc = resume(renamed)
     assert proc.returncode == 2 and "another class list" in proc.stderr and "label 0 is" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_restart_after_a_crash_before_any_checkpoint_logs_each_step_once(shards, tmp_path, uninterrupted):
+    """Rank 0 is killed at step 2 of the first epoch, before any checkpoint: the rerun starts fresh, and
+    the crashed attempt's metric rows and sample lineage are dropped instead of doubled."""
+    args = tiny_overrides(shards, tmp_path, "crashed", **ACCUM)
+    crashed = launch(args, nproc=2, faults={"S4V_FAULT_KILL": "0:2"}, timeout=300)
+    assert crashed.returncode != 0
+    run_dir = tmp_path / "crashed"
+    assert read_lineage(run_dir) and not (run_dir / "checkpoints" / "latest").exists()
+    rest = launch(args, nproc=2, timeout=300).result()
+    assert rest["step"] == 6
+    _assert_same_losses(uninterrupted["run_dir"], rest["run_dir"], 6)  # each step once
+    _assert_every_sample_once(rest["run_dir"], [0, 1])

@@ -94,7 +94,8 @@ class Loader:
         segment = {"world_size": len(states), "batch_size": int(first["batch_size"]),
                    "done": [int(s["batch"]) for s in states]}
         self.pos.epoch, self.pos.batch = epochs.pop(), 0
-        self.pos.segments = (tuple(first.get("segments", ())) + (segment,)) if any(segment["done"]) else ()
+        earlier = tuple(first.get("segments", ()))
+        self.pos.segments = earlier + (segment,) if any(segment["done"]) else earlier
         if self.pos.segments:
             log.info("data: epoch %d re-dealt over %d ranks: %d batches of %d per rank left", self.pos.epoch,
                      self.world_size, self.batches_in_epoch, self.cfg.batch_size)

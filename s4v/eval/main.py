@@ -60,7 +60,7 @@ def load_eval_config(target: Path, rest: list[str]):
     relative paths (older runs stored them as given) are resolved against its launch directory."""
     from s4v.config import ConfigError
     from s4v.experiment import load_experiment
-    from s4v.train.run_dir import launch_dir, with_absolute_paths
+    from s4v.train.run_dir import latest_config, launch_dir, with_absolute_paths
 
     config = rest.pop(0) if rest and "=" not in rest[0] else None
     run_dir = target if target.is_dir() else None
@@ -69,7 +69,7 @@ def load_eval_config(target: Path, rest: list[str]):
         raise ConfigError(f"{run_dir} is not a run directory (no config.yaml); pass a model file and a config")
     if not model_file.is_file():
         raise FileNotFoundError(f"no model file {model_file} (train with train.export=true, or pass a model file)")
-    cfg = load_experiment(config or (str(run_dir / "config.yaml") if run_dir else None), rest)
+    cfg = load_experiment(config or (str(latest_config(run_dir)) if run_dir else None), rest)
     if run_dir and config is None:
         base = launch_dir(run_dir)
         if base is not None:

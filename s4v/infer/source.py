@@ -36,9 +36,9 @@ class ModelSource:
 def run_config(run_dir: Path):
     """The run's experiment config, relative data/weights paths made absolute against its launch folder."""
     from s4v.experiment import load_experiment
-    from s4v.train.run_dir import launch_dir, with_absolute_paths
+    from s4v.train.run_dir import latest_config, launch_dir, with_absolute_paths
 
-    cfg = load_experiment(str(run_dir / "config.yaml"))
+    cfg = load_experiment(str(latest_config(run_dir)))
     base = launch_dir(run_dir)
     return with_absolute_paths(cfg, base) if base is not None else cfg
 

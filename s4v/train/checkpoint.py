@@ -228,13 +228,28 @@ def _publish(ckpt_dir: Path, work: str, tag: str, keep: int) -> None:
     atomic_write_bytes(ckpt_dir / "latest", (tag + "\n").encode())
     if aside is not None:
         shutil.rmtree(aside, ignore_errors=True)
-    tags = [t for t in complete_tags(ckpt_dir) if t == tag_for(_step(t))]
-    for old in tags[:-keep] if keep > 0 else []:
+    others = [t for t in complete_tags(ckpt_dir) if t == tag_for(_step(t)) and t != tag]
+    for old in others[:max(0, len(others) - (keep - 1))] if keep > 0 else []:  # the new tag is always kept
         shutil.rmtree(ckpt_dir / old, ignore_errors=True)
     for other in ckpt_dir.iterdir():  # leftovers of crashed saves: temporary or unfinished folders
         step = _step(other.name)
         if step is not None and other.is_dir() and (other.name != tag_for(step) or not (other / COMPLETE).is_file()):
             shutil.rmtree(other, ignore_errors=True)
+
+
+def set_aside_newer(ckpt_dir: Path, step: int) -> list[str]:
+    """Rank 0, after resuming from step `step`: checkpoints of later steps belong to an abandoned
+    continuation; move them to `checkpoints/abandoned/` so that neither pruning nor `resume=auto` mixes
+    the two. Returns the tags moved."""
+    ckpt_dir = Path(ckpt_dir)
+    moved = [t for t in complete_tags(ckpt_dir) if _step(t) > step]
+    if moved:
+        (ckpt_dir / "abandoned").mkdir(exist_ok=True)
+        for t in moved:
+            (ckpt_dir / t).rename(ckpt_dir / "abandoned" / f"{t}-{secrets.token_hex(3)}")
+        log.warning("resumed from step %d: later checkpoints %s moved to %s", step, ", ".join(moved),
+                    ckpt_dir / "abandoned")
+    return moved
 
 
 # ------------------------------------------------------------------------------------------------ load

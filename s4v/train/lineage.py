@@ -1,6 +1,7 @@
 """Sample lineage (`train.log_samples`): `<run_dir>/samples/rank{R}.jsonl`, one line per micro-batch
 with the epoch, the optimizer step it contributes to, its place in the step's window and the sample
-keys, so "which clips were in step 40,000" has an answer.
+keys (and `"skipped": true` when the window's update was skipped), so "which clips were in step 40,000"
+has an answer.
 
 Each checkpoint records every file's size; a resume cuts the files back to those sizes, so after any
 number of interruptions (and on another world size) the files hold each trained micro-batch once.
@@ -23,12 +24,15 @@ class SampleLineage:
         self.path = self.dir / f"rank{rank}.jsonl"
         self.file = open(self.path, "a")
 
-    def write(self, epoch: int, step: int, micro: int, batch: dict) -> None:
+    def write(self, epoch: int, step: int, micro: int, batch: dict, applied: bool = True) -> None:
+        """One micro-batch of the window that produced optimizer step `step` (`applied` False: the window's
+        update was skipped, e.g. a non-finite loss, and the next window makes step `step` again)."""
         keys = [str(k) for k in batch.get("key", [])]
         valid = batch.get("valid")
         if valid is not None:  # slots of unreadable samples hold copies of good ones
             keys = [k for k, ok in zip(keys, valid.tolist()) if ok]
-        self.file.write(json.dumps({"epoch": epoch, "step": step, "micro": micro, "keys": keys}) + "\n")
+        row = {"epoch": epoch, "step": step, "micro": micro, "keys": keys}
+        self.file.write(json.dumps(row if applied else {**row, "skipped": True}) + "\n")
 
     def flush(self) -> int:
         """Flush to disk; the file's size, for the checkpoint."""

@@ -127,24 +127,30 @@ class Trainer:
         self.loss_count = torch.zeros((), device=info.device)
 
     # ----------------------------------------------------------------------------------------- steps
-    def check_skipped(self, batch: dict) -> None:
-        """Counted skips are fine; a loader that drops a large share of the data is not (a codec the
-        decoder cannot read, a broken mount): stop with the reasons instead of training on nothing."""
+    def count_samples(self, batch: dict) -> None:
         valid = batch.get("valid")
         views = self.cfg.data.repeated_aug  # a training batch holds each sample's views side by side
         self.samples_seen += (int(valid.sum()) if valid is not None else len(batch.get("key", ()))) // views
+
+    def too_many_skipped(self) -> bool:
+        """Counted skips are fine; a loader that drops a large share of the data is not (a codec the
+        decoder cannot read, a broken mount). Decided per rank, acted on by all (the step's flags)."""
         skipped = self.train_loader.skipped
-        limit = self.cfg.train.max_skip_fraction
-        if skipped >= 16 and skipped > limit * (self.samples_seen + skipped):
-            reasons = getattr(self.train_loader, "skipped_keys", [])[:5]
-            raise DataSkipError(
-                f"{skipped} of {self.samples_seen + skipped} training samples could not be read "
-                f"(more than train.max_skip_fraction={limit}); first reasons: {reasons}")
+        return skipped >= 16 and skipped > self.cfg.train.max_skip_fraction * (self.samples_seen + skipped)
+
+    def skip_error(self) -> DataSkipError:
+        skipped, limit = self.train_loader.skipped, self.cfg.train.max_skip_fraction
+        reasons = getattr(self.train_loader, "skipped_keys", [])[:5]
+        return DataSkipError(f"{skipped} of {self.samples_seen + skipped} training samples could not be read on "
+                             f"rank {self.info.rank} (more than train.max_skip_fraction={limit}); first reasons: "
+                             f"{reasons}" if self.too_many_skipped() else
+                             f"another rank could not read more than train.max_skip_fraction={limit} of its "
+                             f"training samples (its log names them)")
 
     def micro_step(self, batch: dict, last: bool) -> torch.Tensor:
         """Forward and backward of one micro-batch; DeepSpeed applies the update after the window's last.
         Returns whether the loss was finite, as a device tensor (no host sync)."""
-        self.check_skipped(batch)
+        self.count_samples(batch)
         if self.engine.is_gradient_accumulation_boundary() != last:  # the windows must stay aligned
             raise RuntimeError(f"DeepSpeed's accumulation boundary is out of step with the loop at step {self.step}")
         loss = self.task.loss(self, batch)
@@ -159,21 +165,26 @@ class Trainer:
 
     def train_step(self, batches: Iterator[dict]) -> StepOutcome:
         """One optimizer step: `grad_accum` micro-batches, then one all-reduce of the step's flags
-        (non-finite losses, preemption): the step's only collective outside DeepSpeed's own."""
+        (non-finite losses, preemption, unreadable data): the step's only collective outside DeepSpeed's."""
         accum, device = self.plan.grad_accum, self.info.device
         nonfinite = torch.zeros((), device=device)
-        window_keys = []
+        window = []
         for micro in range(accum):
             tick = time.perf_counter()
             batch = next(batches)
             self.data_wait += time.perf_counter() - tick
-            if self.lineage:
-                self.lineage.write(self.epoch, self.step + 1, micro, batch)
-            window_keys.extend(list(batch.get("key", []))[:2])
+            window.append(batch)
             nonfinite += ~self.micro_step(batch, last=micro == accum - 1)
-        local_flags = torch.stack([nonfinite.float(), torch.tensor(float(self.preempt.local), device=device)])
-        nonfinite_all, preempt = all_reduce_sum_(local_flags).tolist()
+        local_flags = torch.tensor([0.0, float(self.preempt.local), float(self.too_many_skipped())], device=device)
+        local_flags[0] = nonfinite
+        nonfinite_all, preempt, skip_stop = all_reduce_sum_(local_flags).tolist()
         applied = bool(self.engine.was_step_applied())
+        if self.lineage:
+            for micro, batch in enumerate(window):
+                self.lineage.write(self.epoch, self.step + 1, micro, batch, applied)
+        if skip_stop:
+            raise self.skip_error()
+        window_keys = [k for batch in window for k in list(batch.get("key", []))[:2]]
         if nonfinite_all and applied:
             raise RuntimeError("DeepSpeed applied an update after a non-finite loss; use a ZeRO config (stage 1-3)")
         if nonfinite_all:
@@ -200,9 +211,11 @@ class Trainer:
         if self.saved_state == self.state_key():  # this exact state is already on disk
             return
         client = {"epoch": self.epoch, "step": self.step, "best_top1": self.best_top1,
-                  "nonfinite_total": self.nonfinite_total, "global_batch": self.plan.global_batch,
+                  "nonfinite_total": self.nonfinite_total, "nonfinite_in_a_row": self.nonfinite_in_a_row,
+                  "global_batch": self.plan.global_batch,
                   "ds_optimizer_steps": ds_optimizer_steps(self.engine), "classes": self.train_classes()}
-        rank_state = {"loader": self.train_loader.state_dict(), "rng": checkpoint.rng_state()}
+        rank_state = {"loader": self.train_loader.state_dict(), "rng": checkpoint.rng_state(),
+                      "loss_since_log": [self.loss_sum.item(), self.loss_count.item()]}
         if self.lineage:
             rank_state["lineage_bytes"] = self.lineage.flush()
         tag = checkpoint.save(self.engine, self.ckpt_dir, self.step, client, rank_state,
@@ -216,13 +229,20 @@ class Trainer:
             return
         ckpt_dir, tag = (self.ckpt_dir, None) if mode == "auto" else checkpoint.resolve_resume(Path(mode))
         loaded = checkpoint.load(self.engine, ckpt_dir, tag)
-        if loaded is None:
+        if loaded is None:  # a fresh start: rows and lineage of an attempt that never checkpointed go
+            self.logger.rewind(0)
+            if self.lineage:
+                self.lineage.rewind([], self.info.world_size)
             return
         client, rank_states = loaded
         self.check_resumable(client)
         self.epoch, self.step = client["epoch"], client["step"]
         self.best_top1 = client.get("best_top1", float("nan"))
         self.nonfinite_total = client.get("nonfinite_total", 0)
+        self.nonfinite_in_a_row = client.get("nonfinite_in_a_row", 0)
+        if self.info.rank < len(rank_states) and "loss_since_log" in rank_states[self.info.rank]:
+            loss_sum, loss_count = rank_states[self.info.rank]["loss_since_log"]
+            self.loss_sum.fill_(loss_sum), self.loss_count.fill_(loss_count)
         self.train_loader.resume_from([r["loader"] for r in rank_states])
         if len(rank_states) == self.info.world_size:
             checkpoint.set_rng_state(rank_states[self.info.rank]["rng"])
@@ -232,8 +252,10 @@ class Trainer:
                         "over the new ranks", self.info.world_size, len(rank_states), self.epoch)
         if self.lineage:
             self.lineage.rewind([r.get("lineage_bytes") for r in rank_states], self.info.world_size)
-        if hasattr(self.logger, "rewind"):
-            self.logger.rewind(self.step)
+        self.logger.rewind(self.step)
+        if self.info.is_main:
+            checkpoint.set_aside_newer(ckpt_dir, self.step)
+        barrier()
         self.saved_state = self.state_key()
         log.info("resumed from %s at epoch %d, step %d", ckpt_dir, self.epoch, self.step)
 

@@ -78,14 +78,25 @@ def write_run_description(run_dir: Path, cfg: Any, ds_config: dict, argv: list[s
         shutil.copy2(script, run_dir / "sbatch_script.sh")
 
 
+def _resume_numbers(run_dir: Path) -> list[int]:
+    return sorted(int(p.stem.rsplit("-", 1)[1]) for p in Path(run_dir).glob("config.resume-*.yaml")
+                  if p.stem.rsplit("-", 1)[1].isdigit())
+
+
+def latest_config(run_dir: Path) -> Path:
+    """The config of the run's latest launch: `config.resume-K.yaml` for the highest K, else `config.yaml`
+    (a resume may have moved the data or changed the test protocol)."""
+    resumes = _resume_numbers(run_dir)
+    return Path(run_dir) / (f"config.resume-{resumes[-1]}.yaml" if resumes else "config.yaml")
+
+
 def keep_config(run_dir: Path, cfg: Any) -> Path:
     """Write `config.yaml`, or on a resume (it exists) `config.resume-K.yaml` (K = 1, 2, ...), logging
     how the config differs from the previous run's. Returns the file written."""
-    resumes = sorted(int(p.stem.rsplit("-", 1)[1]) for p in run_dir.glob("config.resume-*.yaml")
-                     if p.stem.rsplit("-", 1)[1].isdigit())
+    resumes = _resume_numbers(run_dir)
     if not resumes and not (run_dir / "config.yaml").is_file():
         return dump_config(cfg, run_dir / "config.yaml")
-    previous = run_dir / (f"config.resume-{resumes[-1]}.yaml" if resumes else "config.yaml")
+    previous = latest_config(run_dir)
     path = run_dir / f"config.resume-{(resumes[-1] if resumes else 0) + 1}.yaml"
     for line in config_differences(yaml.safe_load(previous.read_text()) or {}, config_to_dict(cfg)):
         log.warning("config changed on resume (%s -> %s): %s", previous.name, path.name, line)

@@ -126,8 +126,18 @@ def test_missing_index_is_an_error_at_start(tmp_path):
         build_loader(_cfg(tmp_path, "pyav"), "train", train=True)
 
 
+def _check(trainer, batch):
+    """What Trainer.train_step does with each micro-batch and, through the step's flags, at its end."""
+    from s4v.train.dist import DistInfo
+
+    trainer.info = DistInfo()
+    trainer.count_samples(batch)
+    if trainer.too_many_skipped():
+        raise trainer.skip_error()
+
+
 def test_too_many_skips_stop_training_with_reasons():
-    """Trainer.check_skipped: counted skips are fine up to train.max_skip_fraction, then DataSkipError."""
+    """Counted skips are fine up to train.max_skip_fraction, then DataSkipError (Trainer.too_many_skipped)."""
     import torch
 
     from s4v.experiment import ExperimentConfig
@@ -140,12 +150,12 @@ def test_too_many_skips_stop_training_with_reasons():
     t.cfg, t.samples_seen, t.train_loader = ExperimentConfig(), 0, FakeLoader()
     batch = {"valid": torch.ones(8, dtype=torch.bool)}
     for _ in range(50):  # 400 good samples
-        t.check_skipped(batch)
+        _check(t, batch)
     t.train_loader.skipped, t.train_loader.skipped_keys = 20, [("x", "decode failed: Invalid data")] * 20
-    t.check_skipped(batch)  # 20 of 428 < 5 %
+    _check(t, batch)  # 20 of 428 < 5 %
     t.train_loader.skipped = 40
     with pytest.raises(DataSkipError, match=r"40 of .* could not be read .*decode failed"):
-        t.check_skipped(batch)
+        _check(t, batch)
 
 
 def test_skip_fraction_counts_samples_not_repeated_views():
@@ -167,8 +177,8 @@ def test_skip_fraction_counts_samples_not_repeated_views():
     t.samples_seen, t.train_loader = 0, FakeLoader()
     batch = {"valid": torch.ones(8, dtype=torch.bool)}
     for _ in range(50):
-        t.check_skipped(batch)
+        _check(t, batch)
     assert t.samples_seen == 200
     t.train_loader.skipped, t.train_loader.skipped_keys = 20, [("x", "decode failed")] * 20
     with pytest.raises(DataSkipError, match=r"20 of 224 training samples"):
-        t.check_skipped(batch)
+        _check(t, batch)

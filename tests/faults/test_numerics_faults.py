@@ -121,7 +121,7 @@ def test_one_collective_per_optimizer_step(monkeypatch):
     monkeypatch.setattr(loop, "all_reduce_sum_", lambda flags: calls.append(flags.clone()) or flags)
     t = _trainer([1.0] * 8, accum=4)
     t.train_step(batches()), t.train_step(batches())
-    assert len(calls) == 2 and calls[0].tolist() == [0.0, 0.0]
+    assert len(calls) == 2 and calls[0].tolist() == [0.0, 0.0, 0.0]  # non-finite, preempt, unreadable
 
 
 def test_k_in_a_row_stop_with_a_clear_message():
@@ -149,3 +149,19 @@ def test_fp16_overflow_steps_are_logged():
     t.train_loader.clips_per_batch = 2
     t.log_train(elapsed=1.0, steps=1)
     assert logged["train/overflow_steps"] == 7 and logged["train/nonfinite_steps"] == 0
+
+
+def test_too_many_unreadable_samples_on_another_rank_stop_every_rank(monkeypatch):
+    """A rank whose loader skips too much raises DataSkipError only through the step's flags, so every
+    rank stops at the same step instead of one rank leaving the others in a collective."""
+    import s4v.train.loop as loop
+    from s4v.train.loop import DataSkipError
+
+    def other_rank_gave_up(flags):
+        flags[2] += 1
+        return flags
+
+    monkeypatch.setattr(loop, "all_reduce_sum_", other_rank_gave_up)
+    t = _trainer([1.0, 2.0])
+    with pytest.raises(DataSkipError, match="another rank could not read"):
+        t.train_step(batches())
