@@ -312,3 +312,25 @@ def test_info_reports_tokens_params_and_flops_on_meta(name, tokens, capsys):
     assert tokens in out and "trainable" in out and "GFLOPs/view" in out
     if name in TRAINABLE:
         assert f"trainable {TRAINABLE[name]:,}" in out
+
+
+def test_training_accepts_pretrained_names_from_the_cache(tmp_path, monkeypatch):
+    """`model.pretrained: meta` (a tag) or `hf-hub:...` passes the start-up check when the cache holds it,
+    names what is missing when not, and a run directory keeps the name as given (not as a path)."""
+    from s4v.experiment import load_experiment
+    from s4v.train.preflight import pretrained_problem
+    from s4v.train.run_dir import with_absolute_paths
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = load_experiment(None, ["model.name=s4v_pe_b16", "model.pretrained=meta", "data.mean=[0.5,0.5,0.5]",
+                                 "data.std=[0.5,0.5,0.5]"])
+    assert "not in the local Hugging Face cache" in pretrained_problem(cfg)
+    _fake_hf_cache(tmp_path, "timm/PE-Core-B-16", "open_clip_model.safetensors")
+    assert pretrained_problem(cfg) is None
+    assert with_absolute_paths(cfg, tmp_path).model.pretrained == "meta"
+    cfg.model.pretrained = "hf-hub:timm/PE-Core-B-16"
+    assert with_absolute_paths(cfg, tmp_path).model.pretrained == "hf-hub:timm/PE-Core-B-16"
+    cfg.model.pretrained = "weights/tower.pt"
+    assert with_absolute_paths(cfg, tmp_path).model.pretrained == str(tmp_path / "weights/tower.pt")
+    assert "no weights file" in pretrained_problem(cfg)

@@ -147,7 +147,7 @@ def _eval_recognition(cfg, model_file: Path, info):
 def _eval_retrieval(cfg, model_file: Path, info):
     from s4v.data.captions import CaptionBank
     from s4v.eval.retrieval import evaluate_retrieval
-    from s4v.model.retrieval import load_retrieval_model, tokenize
+    from s4v.model.retrieval import load_retrieval_model, tokenize_for
 
     model = load_retrieval_model(model_file, pretrained=cfg.model.pretrained, device=info.device,
                                  backbone_dtype=cfg.model.backbone_dtype)
@@ -159,7 +159,7 @@ def _eval_retrieval(cfg, model_file: Path, info):
         return model.prepare_video(model.encode_video(video))
 
     def encode_texts(texts):
-        ids = tokenize(texts, max_words).to(info.device)
+        ids = tokenize_for(model.spec, texts, max_words).to(info.device)  # the model's own tokenizer
         return model.prepare_text(model.encode_text(ids)[0], ids)
 
     with _autocast(info):

@@ -48,9 +48,9 @@ def video_features(model, video: torch.Tensor, views: int, level: str) -> torch.
 @torch.no_grad()
 def text_features(model, texts: list[str], max_words: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """(token features `[A, L, E]` float32, token ids `[A, L]`) of a retrieval model's text tower."""
-    from s4v.model.retrieval import tokenize
+    from s4v.model.retrieval import tokenize_for
 
     device = next(model.text.parameters()).device
-    ids = tokenize(texts, max_words).to(device)
+    ids = tokenize_for(model.spec, texts, max_words).to(device)
     tokens, _ = model.encode_text(ids)
     return tokens.float().cpu(), ids.cpu()

@@ -66,6 +66,12 @@ def tokenize(texts: Sequence[str], max_words: int = 32, tokenizer: str = "") -> 
     return _tokenizer(max_words, tokenizer)(list(texts))
 
 
+def tokenize_for(spec, texts: Sequence[str], max_words: int = 32) -> torch.Tensor:
+    """`tokenize` with the tokenizer of the model `spec` describes (CLIP BPE, or e.g. SigLIP2's Gemma)."""
+    name = spec.backbone.open_clip_name
+    return tokenize(texts, max_words, text_config(name).get("hf_tokenizer_name", "") if name else "")
+
+
 _TEXT_STYLE_KEYS = ("no_causal_mask", "proj_bias", "pool_type", "norm_kwargs", "act_kwargs")
 
 

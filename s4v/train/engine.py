@@ -87,9 +87,9 @@ def param_groups(module: nn.Module, weight_decay: float, no_decay_norm_bias: boo
 
 def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float = 0.0,
                   global_progress: bool = False) -> Callable[[int], float]:
-    """LR multiplier: linear warmup from 0, then cosine to `min_ratio` at `total_steps` (spec 6.1).
+    """LR multiplier: linear warmup from 0, then cosine to `min_ratio` at `total_steps` (docs/method.md 6.1).
     `global_progress`: the cosine runs over the whole schedule, warmup included (CLIP4Clip's
-    `warmup_cosine`, spec 6.2), so it starts at 0.5 (1 + cos(pi warmup/total)) after warmup."""
+    `warmup_cosine`, docs/method.md 6.2), so it starts at 0.5 (1 + cos(pi warmup/total)) after warmup."""
     def factor(step: int) -> float:
         if warmup_steps > 0 and step < warmup_steps:
             return step / warmup_steps

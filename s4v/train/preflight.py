@@ -44,8 +44,10 @@ def preflight(cfg: ExperimentConfig, world_size: int) -> None:
         problem = num_classes_problem(cfg.model.num_classes, train_index.classes, d.train_split)
         if problem:
             problems.append(problem)
-    if cfg.model.pretrained and not Path(cfg.model.pretrained).is_file():
-        problems.append(f"model.pretrained: no weights file {cfg.model.pretrained!r}")
+    if cfg.model.pretrained:  # a file, or a tag / hf-hub: name found offline in the Hugging Face cache
+        problem = pretrained_problem(cfg)
+        if problem:
+            problems.append(f"model.pretrained: {problem}")
     if cfg.model.shard_backbone and not cfg.model.pretrained:
         problems.append("model.shard_backbone needs model.pretrained: a sharded tower is loaded from its weights "
                         "file, not saved with the run")
@@ -75,6 +77,24 @@ def preflight(cfg: ExperimentConfig, world_size: int) -> None:
         problems.append(f"engine.ds_config: {err}")
     if problems:
         raise ConfigError("s4v train: cannot start:\n  - " + "\n  - ".join(problems))
+
+
+def pretrained_problem(cfg: ExperimentConfig) -> str | None:
+    """Why `model.pretrained` cannot be used, or None."""
+    from s4v.model.pretrained import resolve_pretrained
+    from s4v.model.specs import get_spec
+    from s4v.model.weights_file import WeightsFileError
+
+    value = cfg.model.pretrained
+    if Path(value).is_file():
+        return None
+    if "/" in value and not value.startswith("hf-hub:"):
+        return f"no weights file {value!r}"
+    try:
+        resolve_pretrained(get_spec(cfg.model.name).backbone, value)
+    except (FileNotFoundError, WeightsFileError, ValueError, KeyError) as err:
+        return f"{value!r} is neither a weights file nor a name found in the local Hugging Face cache: {err}"
+    return None
 
 
 def batch_plan(cfg: ExperimentConfig, world_size: int) -> BatchPlan:

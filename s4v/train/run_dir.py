@@ -127,9 +127,17 @@ def with_absolute_paths(cfg: Any, base: Path, skip: tuple[str, ...] = ()) -> Any
         value = getattr(getattr(cfg, section), name)
         if not value or f"{section}.{name}" in skip or Path(value).is_absolute():
             continue
+        if name == "pretrained" and not looks_like_a_path(value, base):  # a tag or hf-hub: name
+            continue
         fixed = dataclasses.replace(getattr(cfg, section), **{name: os.path.abspath(Path(base) / value)})
         cfg = dataclasses.replace(cfg, **{section: fixed})
     return cfg
+
+
+def looks_like_a_path(value: str, base: Path) -> bool:
+    """`model.pretrained` is a file path (relative to `base`), not an open_clip/timm tag or `hf-hub:` name."""
+    return (not value.startswith("hf-hub:") and
+            ("/" in value or (Path(base) / value).exists() or value.endswith((".pt", ".pth", ".bin", ".safetensors"))))
 
 
 def launch_dir(run_dir: Path) -> Path | None:

@@ -334,11 +334,10 @@ class RetrievalTask:
         return deepspeed_initialize(RetrievalEngineModule(trainer.model), ds_config, groups, lr_lambda, o)
 
     def tokenize(self, texts, device) -> torch.Tensor:
-        from s4v.model.retrieval import text_config, tokenize
+        from s4v.model.retrieval import tokenize_for
         from s4v.model.specs import get_spec
 
-        hf_name = text_config(get_spec(self.cfg.model.name).backbone.open_clip_name).get("hf_tokenizer_name", "")
-        return tokenize(texts, self.cfg.retrieval.max_words, hf_name).to(device)  # SigLIP2: its Gemma tokenizer
+        return tokenize_for(get_spec(self.cfg.model.name), texts, self.cfg.retrieval.max_words).to(device)
 
     def loss(self, trainer, batch: dict) -> torch.Tensor:
         device = trainer.info.device
