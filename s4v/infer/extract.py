@@ -43,7 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="a run directory, a checkpoint folder or an s4v model file")
     p.add_argument("videos", nargs="+", help="video files and/or folders (searched recursively)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument("--level", choices=LEVELS, default="clip", help="clip (default), frame or tokens")
+    p.add_argument("--level", choices=LEVELS, default=None,
+                   help="clip, frame or tokens (default: frame for a retrieval model, which `s4v search` needs; "
+                        "clip otherwise)")
     p.add_argument("--texts", type=Path, default=None, help="captions, one per line (retrieval models)")
     p.add_argument("--part-size", type=int, default=1000, help="videos per safetensors part (default 1000)")
     p.add_argument("--batch-size", type=int, default=8)
@@ -174,6 +176,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         files = sorted(set(collect_videos(args.videos)))
         device = _device(args.device)
         model, preprocess = load(args.model, args.pretrained, device)
+        if args.level is None:  # text search scores a retrieval model's per-frame embeddings
+            args.level = "frame" if hasattr(model, "encode_text") else "clip"
         args.out.mkdir(parents=True, exist_ok=True)
         if rank == 0:
             check_meta(args.out, _meta(args, files))
