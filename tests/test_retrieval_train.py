@@ -65,7 +65,7 @@ def test_tiny_retrieval_generalises_to_held_out_clips_and_s4v_eval_reads_the_exp
     Measured: T2V R@1 14.1 %, R@10 61.7 %, MdR 6; V2T R@1 11.7 %."""
     args = _tiny_args(captioned, tmp_path, "tiny", **{"train.epochs": 40, "eval.every_epochs": 20})
     proc = subprocess.run([sys.executable, "-m", "s4v.train", *args], cwd=REPO, env=ENV, capture_output=True,
-                          text=True, timeout=900)
+                          text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = result_json(proc.stdout)
     assert res["status"] == "finished" and res["step"] == 1280
