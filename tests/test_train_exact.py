@@ -129,7 +129,8 @@ def test_restart_after_a_crash_before_any_checkpoint_logs_each_step_once(shards,
     """Rank 0 is killed at step 2 of the first epoch, before any checkpoint: the rerun starts fresh, and
     the crashed attempt's metric rows and sample lineage are dropped instead of doubled."""
     args = tiny_overrides(shards, tmp_path, "crashed", **ACCUM)
-    crashed = launch(args, nproc=2, faults={"S4V_FAULT_KILL": "0:2"}, timeout=300)
+    crashed = launch(args, nproc=2, faults={"S4V_FAULT_KILL": "0:2", "S4V_FAULT_KEYLOG": str(tmp_path / "keys")},
+                     timeout=300)
     assert crashed.returncode != 0
     run_dir = tmp_path / "crashed"
     assert read_lineage(run_dir) and not (run_dir / "checkpoints" / "latest").exists()

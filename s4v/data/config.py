@@ -1,6 +1,6 @@
 """`DataConfig`: every knob of the video input pipeline (both loaders read the same fields).
 
-Defaults follow the Kinetics-400 recipe of the spec (section 6.1); the Something-Something recipe
+Defaults follow the Kinetics-400 recipe (docs/method.md 6.1); the Something-Something recipe
 sets `sampling: segment`, `resize_mode: fixed`, `flip_label_swap`, `grayscale_prob: 0`,
 `rand_augment` and `repeated_aug: 2` in its experiment YAML.
 """
