@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import io
 import math
-from typing import Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import av
 import numpy as np
@@ -25,8 +25,10 @@ from s4v.data.reader import RawSample, SampleError, ShardReader
 from s4v.data.shards import ShardTable, worker_batches
 
 
-def decode_frames(key: str, data: bytes, wanted: np.ndarray) -> dict[int, av.VideoFrame]:
-    """Decode the frames with the given indices, seeking to a keyframe only when that skips work.
+def decode_frames(key: str, data: bytes, wanted: np.ndarray,
+                  convert: Optional[Callable[[av.VideoFrame], Any]] = None) -> dict[int, Any]:
+    """Decode the frames with the given indices, seeking to a keyframe only when that skips work;
+    `convert` (e.g. to an RGB array) is applied to each as it is decoded, so no frame is held.
 
     A demux pass (no decoding) maps frame index -> pts and finds the keyframes; indices past the
     end get the last frame (DALI's pad_mode="edge").
@@ -42,7 +44,7 @@ def decode_frames(key: str, data: bytes, wanted: np.ndarray) -> dict[int, av.Vid
             where = {p: i for i, p in enumerate(pts)}
             keyframes = [i for i, (_, k) in enumerate(pk) if k] or [0]
             targets = sorted({min(int(i), len(pts) - 1) for i in wanted})
-            out: dict[int, av.VideoFrame] = {}
+            out: dict[int, Any] = {}
             frames_iter, cur = None, -1  # cur: index of the last decoded frame
             for t in targets:
                 kf = keyframes[max(0, np.searchsorted(keyframes, t, side="right") - 1)]
@@ -52,7 +54,7 @@ def decode_frames(key: str, data: bytes, wanted: np.ndarray) -> dict[int, av.Vid
                 for fr in frames_iter:
                     cur = where.get(fr.pts, cur + 1)
                     if cur >= t:
-                        out[t] = fr
+                        out[t] = convert(fr) if convert is not None else fr
                         break
                 else:
                     raise SampleError(key, f"frame {t} not decodable")
@@ -150,9 +152,12 @@ def render_sample(cfg: DataConfig, raw: RawSample, plan: SamplePlan, out: Option
                   norm: Optional[_Normaliser] = None) -> torch.Tensor:
     """Decode and augment one sample into `out` (allocated if None): [V, T, 3, image_size, image_size]
     float32, normalised. Each kept frame is converted to RGB at its own size (no swscale resampling)."""
-    decoded = decode_frames(raw.key, raw.video, plan.frames.reshape(-1))
-    rgb = {int(i): decoded[int(i)].to_ndarray(format="rgb24") for i in np.unique(plan.frames)}
+    rgb = decode_frames(raw.key, raw.video, plan.frames.reshape(-1), _to_rgb)
     return render_views(cfg, plan, rgb, plan.frames, out, norm)
+
+
+def _to_rgb(frame: av.VideoFrame) -> np.ndarray:
+    return frame.to_ndarray(format="rgb24")
 
 
 def render_views(cfg: DataConfig, plan: SamplePlan, rgb: dict[int, np.ndarray], frames: np.ndarray,
