@@ -1,6 +1,7 @@
 """The experiment configuration: defaults here, a recipe YAML on top, `key=value` overrides last."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
@@ -169,6 +170,9 @@ class ExperimentConfig:
         from s4v.model.towers import family_info
 
         fam = family_info(spec.backbone.family)  # the tower only works on inputs normalised as it was trained
+        defaults = DataConfig()
+        if _close(self.data.mean, defaults.mean) and _close(self.data.std, defaults.std):  # not set: the tower's
+            self.data = dataclasses.replace(self.data, mean=tuple(fam.mean), std=tuple(fam.std))
         if not (_close(self.data.mean, fam.mean) and _close(self.data.std, fam.std)):
             raise ConfigError(f"data.mean={list(self.data.mean)} data.std={list(self.data.std)} but "
                               f"{self.model.name}'s {spec.backbone.family} tower expects mean {list(fam.mean)} "

@@ -334,3 +334,15 @@ def test_training_accepts_pretrained_names_from_the_cache(tmp_path, monkeypatch)
     cfg.model.pretrained = "weights/tower.pt"
     assert with_absolute_paths(cfg, tmp_path).model.pretrained == str(tmp_path / "weights/tower.pt")
     assert "no weights file" in pretrained_problem(cfg)
+
+
+def test_data_normalisation_left_at_its_default_follows_the_tower():
+    """Choosing model.name is enough: data.mean/std left at their (CLIP) defaults become the tower's; an
+    explicit mismatch is still refused."""
+    from s4v.config import ConfigError
+    from s4v.experiment import load_experiment
+
+    assert load_experiment(None, ["model.name=s4v_siglip2_b16"]).data.std == (0.5, 0.5, 0.5)
+    assert load_experiment(None, ["model.name=s4v_b16"]).data.mean[0] == pytest.approx(0.48145466)
+    with pytest.raises(ConfigError, match="tower expects mean"):
+        load_experiment(None, ["model.name=s4v_siglip2_b16", "data.std=[0.3,0.3,0.3]"])
