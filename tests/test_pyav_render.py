@@ -2,6 +2,7 @@
 normalised into a preallocated batch) against the pre-issue-18 path kept below as the reference."""
 import io
 import math
+import tempfile
 
 import av
 import numpy as np
@@ -69,11 +70,12 @@ def reference_render_sample(cfg, raw, plan):
 H, W, N = 40, 72, 12
 
 
-def textured_clip(n: int = N, height: int = H, width: int = W) -> bytes:
+def textured_clip(n: int = N, height: int = H, width: int = W, faststart: bool = False) -> bytes:
     """Smooth 2-D texture (periods of 23-29 px) plus a per-frame level."""
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-    buf = io.BytesIO()
-    with av.open(buf, "w", format="mp4") as c:
+    tmp = tempfile.NamedTemporaryFile(suffix=".mp4")  # faststart rewrites the file: not a BytesIO
+    buf = tmp.name if faststart else io.BytesIO()
+    with av.open(buf, "w", format="mp4", options={"movflags": "faststart"} if faststart else {}) as c:
         st = c.add_stream("libx264", rate=25, options={"preset": "ultrafast", "crf": "8", "bf": "0", "g": "4"})
         st.width, st.height, st.pix_fmt = width, height, "yuv420p"
         for i in range(n):
@@ -85,7 +87,8 @@ def textured_clip(n: int = N, height: int = H, width: int = W) -> bytes:
                 c.mux(p)
         for p in st.encode():
             c.mux(p)
-    return buf.getvalue()
+    with tmp:
+        return open(tmp.name, "rb").read() if faststart else buf.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -189,3 +192,45 @@ def test_render_batch_nothing_decoded(clip):
     want = assemble(cfg, True, slots, [None, None])
     assert torch.equal(batch["video"], want["video"]) and not batch["valid"].any()
     assert [k for k, _ in skipped] == ["bad"]
+
+
+# ----------------------------------------------------------------------------- frame table from the mp4 index
+
+
+def _table(data: bytes, use_index: bool):
+    with av.open(io.BytesIO(data)) as c:
+        return pl._frame_table(c, c.streams.video[0], len(data), use_index)
+
+
+def test_mp4_index_gives_the_demux_table(clip):
+    """The frame table read from the mp4 index (no demux pass) is the demux pass's, keyframes included."""
+    table, from_index = _table(clip, True)
+    assert from_index and table == _table(clip, False)[0] and len(table) == N
+
+
+def test_truncated_mp4_does_not_trust_its_index():
+    """An mp4 cut after its index (faststart) lists frames the data no longer holds: the demux pass
+    decides, as before the index was used (the index would list all N frames)."""
+    whole = textured_clip(faststart=True)
+    assert _table(whole, True) == (_table(whole, False)[0], True)
+    cut = whole[: int(len(whole) * 0.7)]
+    table, from_index = _table(cut, True)
+    assert not from_index and 0 < len(table) < N
+
+
+def test_index_disagreeing_with_decoded_frames_falls_back(clip, monkeypatch):
+    """A decoded frame whose pts the index does not hold sends the sample through the demux pass."""
+    want = {i: f.to_ndarray(format="rgb24") for i, f in pl.decode_frames("k", clip, np.arange(N)).items()}
+    real = pl._frame_table
+    calls = []
+
+    def shifted(c, st, size, use_index):
+        table, from_index = real(c, st, size, use_index)
+        calls.append(from_index)
+        return ([(p + 1, k) for p, k in table], True) if from_index else (table, False)
+
+    monkeypatch.setattr(pl, "_frame_table", shifted)
+    got = pl.decode_frames("k", clip, np.array([1, 5, 9, 11]), pl._to_rgb)
+    assert calls == [True, False]
+    for i in (1, 5, 9, 11):
+        assert np.array_equal(got[i], want[i])

@@ -30,39 +30,66 @@ def decode_frames(key: str, data: bytes, wanted: np.ndarray,
     """Decode the frames with the given indices, seeking to a keyframe only when that skips work;
     `convert` (e.g. to an RGB array) is applied to each as it is decoded, so no frame is held.
 
-    A demux pass (no decoding) maps frame index -> pts and finds the keyframes; indices past the
-    end get the last frame (DALI's pad_mode="edge").
+    The frame table (frame index -> pts, keyframes) comes from the container's index when it lists
+    every frame inside `data` (mp4), else from a demux pass (no decoding); a decoded frame whose pts
+    the index does not hold sends the sample through the demux pass. Indices past the end get the
+    last frame (DALI's pad_mode="edge").
     """
     try:
-        with av.open(io.BytesIO(data)) as c:
-            st = c.streams.video[0]
-            st.codec_context.thread_count = 1  # parallelism comes from DataLoader workers
-            pk = sorted((p.pts, bool(p.is_keyframe)) for p in c.demux(st) if p.pts is not None)
-            if not pk:
-                raise SampleError(key, "no video packets")
-            pts = [p for p, _ in pk]
-            where = {p: i for i, p in enumerate(pts)}
-            keyframes = [i for i, (_, k) in enumerate(pk) if k] or [0]
-            targets = sorted({min(int(i), len(pts) - 1) for i in wanted})
-            out: dict[int, Any] = {}
-            frames_iter, cur = None, -1  # cur: index of the last decoded frame
-            for t in targets:
-                kf = keyframes[max(0, np.searchsorted(keyframes, t, side="right") - 1)]
-                if frames_iter is None or kf > cur + 1:
-                    c.seek(pts[kf], stream=st, backward=True, any_frame=False)
-                    frames_iter, cur = c.decode(st), kf - 1
-                for fr in frames_iter:
-                    cur = where.get(fr.pts, cur + 1)
-                    if cur >= t:
-                        out[t] = convert(fr) if convert is not None else fr
-                        break
-                else:
-                    raise SampleError(key, f"frame {t} not decodable")
-            for i in wanted:  # clamped indices share the frame
-                out.setdefault(int(i), out[min(int(i), len(pts) - 1)])
-            return out
+        try:
+            return _decode(key, data, wanted, convert, use_index=True)
+        except _IndexMismatch:
+            return _decode(key, data, wanted, convert, use_index=False)
     except av.error.FFmpegError as e:
         raise SampleError(key, f"decode failed: {e}") from None
+
+
+class _IndexMismatch(Exception):
+    pass
+
+
+def _frame_table(c: av.container.InputContainer, st: av.VideoStream, size: int,
+                 use_index: bool) -> tuple[list[tuple[int, bool]], bool]:
+    """Sorted (pts, keyframe) of every frame, and whether it came from the container's index."""
+    if use_index and st.frames > 0:
+        entries = st.index_entries
+        if (len(entries) == st.frames and all(e.pos + e.size <= size and not e.is_discard for e in entries)):
+            return sorted((e.timestamp, bool(e.is_keyframe)) for e in entries), True
+    return sorted((p.pts, bool(p.is_keyframe)) for p in c.demux(st) if p.pts is not None), False
+
+
+def _decode(key: str, data: bytes, wanted: np.ndarray, convert, use_index: bool) -> dict[int, Any]:
+    with av.open(io.BytesIO(data)) as c:
+        st = c.streams.video[0]
+        st.codec_context.thread_count = 1  # parallelism comes from DataLoader workers
+        pk, from_index = _frame_table(c, st, len(data), use_index)
+        if not pk:
+            raise SampleError(key, "no video packets")
+        pts = [p for p, _ in pk]
+        where = {p: i for i, p in enumerate(pts)}
+        keyframes = [i for i, (_, k) in enumerate(pk) if k] or [0]
+        targets = sorted({min(int(i), len(pts) - 1) for i in wanted})
+        out: dict[int, Any] = {}
+        frames_iter, cur = None, -1  # cur: index of the last decoded frame
+        for t in targets:
+            kf = keyframes[max(0, np.searchsorted(keyframes, t, side="right") - 1)]
+            if frames_iter is None or kf > cur + 1:
+                c.seek(pts[kf], stream=st, backward=True, any_frame=False)
+                frames_iter, cur = c.decode(st), kf - 1
+            for fr in frames_iter:
+                if from_index and fr.pts not in where:
+                    raise _IndexMismatch()
+                cur = where.get(fr.pts, cur + 1)
+                if cur >= t:
+                    out[t] = convert(fr) if convert is not None else fr
+                    break
+            else:
+                if from_index:
+                    raise _IndexMismatch()
+                raise SampleError(key, f"frame {t} not decodable")
+        for i in wanted:  # clamped indices share the frame
+            out.setdefault(int(i), out[min(int(i), len(pts) - 1)])
+        return out
 
 
 # ----------------------------------------------------------------------------- RandAugment (torch)
