@@ -134,10 +134,12 @@ def shards(tmp_path_factory) -> Path:
 
 
 def slurm_overrides(shards: Path, out: Path) -> list[str]:
-    """The e2e tests' tiny CPU run (tests/_train_fixtures.py) on top of the ViT-E/14 recipe. No run name
-    (null): the scripts' default `<model>-job<SLURM_JOB_ID>` is what a requeued job resumes from."""
+    """The e2e tests' tiny CPU run (tests/_train_fixtures.py) on top of the ViT-E/14 recipe, with a global
+    batch of 2 nodes x 2 clips. No run name (null): the scripts' default `<model>-job<SLURM_JOB_ID>` is what a
+    requeued job resumes from."""
     return tiny_overrides(shards, out, "null", **{"model.pretrained": "null", "model.grad_checkpointing": "false",
-                                                  "train.epochs": 4, "eval.every_epochs": 0, "train.export": "true"})
+                                                  "train.epochs": 4, "eval.every_epochs": 0, "train.export": "true",
+                                                  "train.global_batch_size": 4})
 
 
 def results(log: Path) -> list[dict]:

@@ -134,6 +134,7 @@ def test_restart_after_a_crash_before_any_checkpoint_logs_each_step_once(shards,
     assert crashed.returncode != 0
     run_dir = tmp_path / "crashed"
     assert read_lineage(run_dir) and not (run_dir / "checkpoints" / "latest").exists()
+    assert '"train/loss"' in (run_dir / "metrics.jsonl").read_text()  # step 1 of the crashed attempt
     rest = launch(args, nproc=2, timeout=300).result()
     assert rest["step"] == 6
     _assert_same_losses(uninterrupted["run_dir"], rest["run_dir"], 6)  # each step once

@@ -22,7 +22,7 @@ class SampleLineage:
         self.rank = rank
         self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / f"rank{rank}.jsonl"
-        self.file = open(self.path, "a")
+        self.file = open(self.path, "a", buffering=1)  # line-buffered: a crash keeps what led up to it
 
     def write(self, epoch: int, step: int, micro: int, batch: dict, applied: bool = True) -> None:
         """One micro-batch of the window that produced optimizer step `step` (`applied` False: the window's
@@ -52,7 +52,7 @@ class SampleLineage:
                 with open(path, "r+b") as f:
                     f.truncate(min(size or 0, path.stat().st_size))
         barrier()
-        self.file = open(self.path, "a")
+        self.file = open(self.path, "a", buffering=1)
 
 
 def read_lineage(run_dir: Path) -> list[dict]:
