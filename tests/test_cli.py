@@ -84,3 +84,18 @@ def test_docs_and_help_cite_only_files_in_the_repository():
     from s4v.train.main import HELP, USAGE, config_listing
 
     assert not spec.search(USAGE + HELP + config_listing())
+
+
+def test_library_deprecation_warnings_are_quiet_at_train_start():
+    """Every rank printed three FutureWarnings about torch/DeepSpeed collectives at every start."""
+    import warnings
+
+    from s4v.train.main import quiet_library_deprecations
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_library_deprecations()
+        warnings.warn("torch.distributed.nn.functional.all_reduce is deprecated, use ...", FutureWarning)
+        warnings.warn("`torch.distributed.all_gather_into_tensor` is deprecated. Please use ...", FutureWarning)
+        warnings.warn("something else is deprecated", FutureWarning)
+    assert [str(w.message) for w in caught] == ["something else is deprecated"]

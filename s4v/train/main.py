@@ -30,6 +30,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"s4v train: config error: {err}", file=sys.stderr)
         return 2
     quiet_build_probes()
+    quiet_library_deprecations()
     from s4v.eval.skips import EvalSkipError
     from s4v.model.weights_file import WeightsFileError
     from s4v.train.checkpoint import CheckpointError
@@ -68,6 +69,17 @@ def config_listing() -> str:
 def _without_prefix(err: BaseException) -> str:
     """The message once, whatever layer already put the command's name in front of it."""
     return str(err).removeprefix("s4v train: ")
+
+
+def quiet_library_deprecations() -> None:
+    """FutureWarnings printed by every rank at every start about calls whose replacements are not
+    equivalent yet: torch.distributed.nn's autograd all_reduce/all_gather (s4v's synced BatchNorm and
+    retrieval gathers need their backward) and DeepSpeed's own all_gather_into_tensor."""
+    import warnings
+
+    for message in (r"torch\.distributed\.nn\.functional\.all_(reduce|gather) is deprecated",
+                    r"`torch\.distributed\.all_gather_into_tensor` is deprecated"):
+        warnings.filterwarnings("ignore", message=message, category=FutureWarning)
 
 
 def quiet_build_probes() -> None:
