@@ -234,3 +234,20 @@ def test_index_disagreeing_with_decoded_frames_falls_back(clip, monkeypatch):
     assert calls == [True, False]
     for i in (1, 5, 9, 11):
         assert np.array_equal(got[i], want[i])
+
+
+def test_in_process_loading_keeps_the_callers_torch_threads(tmp_path):
+    """num_workers=0 runs the dataset in the training process: it must not set that process to one
+    intra-op thread (workers do, as each is one of several processes)."""
+    import _video_fixtures as vf
+    from s4v.data.loader import build_loader
+
+    vf.simple_split(tmp_path, "train", 1, 2, frames=(12,))
+    cfg = cfg_of(root=str(tmp_path), num_workers=0, batch_size=2)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert len(list(build_loader(cfg, "train", train=True))) == 1
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

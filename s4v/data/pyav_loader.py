@@ -282,7 +282,8 @@ class _EpochDataset(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         w, nw = (info.id, info.num_workers) if info else (0, 1)
-        torch.set_num_threads(1)
+        if info is not None:  # a worker is one of several processes; in-process, the caller's setting stays
+            torch.set_num_threads(1)
         reader = ShardReader(self.root, self.table)
         try:
             for b in worker_batches(len(self.batches), self.start, w, nw):
