@@ -6,6 +6,11 @@
 #   tests:  the GPU unit tests and a 1-GPU DeepSpeed bf16 training run (PyAV loader over H.264 shards).
 #   dali:   after DALI is unpacked into $S4V_SITE: the DALI `mixed` (NVDEC) tests, a 1-GPU training run
 #           on DALI-decoded H.264 shards, and the loader table (PyAV vs DALI GPU).
+#   issue17: after DALI is unpacked, issue 17 part 2 in one call (~9 min, most important first): the DALI
+#           GPU loader with 1, 2, 4 pipelines on H.264 320 px GOP-16 shards, step time / memory / MFU of
+#           s4v_b16 (batch 32, default and checkpointing), s4v_l14 (16), s4v_e14 (8), eager and compiled,
+#           each trained on the DALI GPU loader's batches (loader clips/s beside them), then a
+#           DALI-decoded DeepSpeed training run of s4v_b16. $MODEL_ARGS / $DRY (CPU check) for tests.
 # (part1 = tests + bench, part2 = dali, for older notes.)
 # Python packages come from $S4V_SITE (wheels carried to the machine; see the device notes). DALI needs,
 # besides nvidia/dali, nvimgcodec and libnvcomp: optree, astunparse, six, packaging, gast, libcst, makefun, nvtx and the
@@ -56,12 +61,43 @@ stage_dali() {
     --batch-size 16 --num-frames 8 --workers 8 --engines pyav,dali-gpu 2>&1 | tail -n 12 | tee "$OUT/loader_bench.txt"
 }
 
+stage_issue17() {
+  local dev=${DRY:+cpu} loader=${DRY:+pyav} n=${DRY:+8}
+  dev=${dev:-cuda}; loader=${loader:-dali-gpu}; n=${n:-256}
+  local size=${SIZE:-320} cli="$PY -m s4v.cli.main"
+  step "GPU"; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tail -n 2
+  $PY -c "import torch, deepspeed; print(torch.__version__, deepspeed.__version__)"
+  step "H.264 shards, ${size} px, GOP 16, 64 frames"; synthetic /tmp/synth_i17 --codec h264 --size "$size" --frames 64 --train "$n" --val 16
+  for p in 1 2 4; do
+    step "loader: $loader, $p pipeline(s)"
+    timeout 90 $cli bench loader --shards /tmp/synth_i17 --batches 12 --batch-size 16 --workers 8 \
+      --engines "${loader}" --pipelines "$p" --dtype float16 --no-reference 2>&1 | tail -n 3 | tee -a "$OUT/issue17_loader.txt"
+    [ -n "${DRY:-}" ] && break
+  done
+  local rows=("${B16:-s4v_b16} 32 default,default+ckpt" "${L14:-s4v_l14} 16 default,default+ckpt" "${E14:-s4v_e14} 8 default+ckpt")
+  for row in "${rows[@]}"; do
+    set -- $row
+    step "throughput: $1, batch $2 ($3), eager and compiled, on $loader batches"
+    timeout 150 $cli bench throughput --models "$1" --batch "${BATCH:-$2}" --variants "$3" --compile none,side \
+      --frames 8 --steps "${STEPS:-10}" --warmup 3 --precision bf16 --device "$dev" --shards /tmp/synth_i17 \
+      --loader "$loader" --workers 8 2>&1 | tail -n 14 | tee -a "$OUT/issue17_throughput.txt"
+  done
+  step "DeepSpeed training of ${B16:-s4v_b16} on DALI-decoded batches"
+  timeout 120 $PY -m s4v.train ds_configs/experiments/k400_b16_f8.yaml "model.name=${B16:-s4v_b16}" model.pretrained=null \
+    model.num_classes=auto data.root=/tmp/synth_i17 "data.loader=${loader%%-*}" "data.device=${dev/cuda/gpu}" \
+    data.batch_size="${BATCH:-32}" data.num_workers=8 data.min_shards_per_reader=0 train.global_batch_size=null \
+    train.max_steps="${STEPS:-30}" train.epochs=1 eval.every_epochs=0 eval.at_end=false train.output_dir=/tmp/s4v_runs \
+    train.run_name=i17_b16 train.log_every_steps=5 ${MODEL_ARGS:-} 2>&1 | grep -v "it/s\|FutureWarning\|warnings.warn" | tail -n 25
+  grep -h '"perf/clips_per_s"' /tmp/s4v_runs/i17_b16/metrics.jsonl 2>/dev/null | tail -n 2
+}
+
 for stage in "${@:-tests}"; do
   case "$stage" in
   bench) stage_bench ;;
   tests) stage_tests ;;
   dali | part2) stage_dali ;;
+  issue17) stage_issue17 ;;
   part1) stage_tests; stage_bench ;;
-  *) echo "unknown stage $stage (bench, tests, dali)" >&2; exit 2 ;;
+  *) echo "unknown stage $stage (bench, tests, dali, issue17)" >&2; exit 2 ;;
   esac
 done

@@ -38,7 +38,11 @@ def _checkpoint_contexts():
 
 def checkpointed(fn, *args):
     """`torch.utils.checkpoint` (non-reentrant) that tells BatchNorm it is being recomputed, so the
-    running statistics are updated once per step and not twice."""
+    running statistics are updated once per step and not twice. Under torch.compile the region is
+    traced once and the recompute is the partitioner's (buffer updates are applied once, as graph
+    outputs), so no context is passed there (inductor takes none but its own)."""
+    if torch.compiler.is_compiling():
+        return checkpoint(fn, *args, use_reentrant=False)
     return checkpoint(fn, *args, use_reentrant=False, context_fn=_checkpoint_contexts)
 
 
