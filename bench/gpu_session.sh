@@ -70,7 +70,7 @@ stage_issue17() {
   step "H.264 shards, ${size} px, GOP 16, 64 frames"; synthetic /tmp/synth_i17 --codec h264 --size "$size" --frames 64 --train "$n" --val 16
   for p in 1 2 4; do
     step "loader: $loader, $p pipeline(s)"
-    timeout 90 $cli bench loader --shards /tmp/synth_i17 --batches 12 --batch-size 16 --workers 8 \
+    timeout 90 $cli bench loader --shards /tmp/synth_i17 --batches 12 --batch-size "${BATCH:-16}" --workers 8 \
       --engines "${loader}" --pipelines "$p" --dtype float16 --no-reference 2>&1 | tail -n 3 | tee -a "$OUT/issue17_loader.txt"
     [ -n "${DRY:-}" ] && break
   done
