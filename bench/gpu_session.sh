@@ -10,7 +10,10 @@
 #           GPU loader with 1, 2, 4 pipelines on H.264 320 px GOP-16 shards, step time / memory / MFU of
 #           s4v_b16 (batch 32, default and checkpointing), s4v_l14 (16), s4v_e14 (8), eager and compiled,
 #           each trained on the DALI GPU loader's batches (loader clips/s beside them), then a
-#           DALI-decoded DeepSpeed training run of s4v_b16. $MODEL_ARGS / $DRY (CPU check) for tests.
+#           DALI-decoded DeepSpeed training run of s4v_b16. CPU check of every command (5 min, PyAV):
+#           DRY=1 SIZE=32 B16=s4v_tiny L14=s4v_tiny E14=s4v_tiny BATCH=2 STEPS=2 MODEL_ARGS="model.backbone_dtype=fp32
+#           engine.ds_config=ds_configs/zero2_fp32.json data.image_size=32 data.resize_short=32 data.num_workers=1
+#           train.compile=none" PATH=$PWD/.venv/bin:$PATH bash bench/gpu_session.sh issue17
 # (part1 = tests + bench, part2 = dali, for older notes.)
 # Python packages come from $S4V_SITE (wheels carried to the machine; see the device notes). DALI needs,
 # besides nvidia/dali, nvimgcodec and libnvcomp: optree, astunparse, six, packaging, gast, libcst, makefun, nvtx and the
