@@ -21,7 +21,8 @@ from s4v.train import checkpoint
 
 class FakeEngine:
     """What `checkpoint` uses of a DeepSpeed engine. `fail`: None, "enospc" (a write fails half-way
-    with ENOSPC) or "kill" (the process dies half-way through a file)."""
+    with ENOSPC), "full-device" (torch.save writes the optimizer file onto a device that is full:
+    torch's own error, a RuntimeError) or "kill" (the process dies half-way through a file)."""
 
     global_rank, world_size = 0, 1
     global_steps = global_samples = skipped_steps = 0
@@ -40,6 +41,10 @@ class FakeEngine:
         folder = Path(save_dir) / tag
         folder.mkdir(parents=True, exist_ok=True)  # as DeepSpeed does
         torch.save({"module": self.module.state_dict(), **client_state}, folder / "mp_rank_00_model_states.pt")
+        if self.fail == "full-device":
+            optim_file = folder / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+            optim_file.symlink_to("/dev/full")  # every write: ENOSPC, as on a full disk
+            torch.save({"state": torch.zeros(100_000)}, optim_file)
         data = os.urandom(4096)
         with open(folder / "zero_pp_rank_0_mp_rank_00_optim_states.pt", "wb") as f:
             f.write(data[: len(data) // 2 if self.fail else len(data)])
@@ -92,15 +97,17 @@ def test_resave_at_the_same_step_replaces_the_folder(tmp_path):
     assert checkpoint.load(FakeEngine(), ckpts)[0]["epoch"] == 1
 
 
-def test_full_disk_keeps_previous_checkpoint_and_says_so(tmp_path):
+@pytest.mark.parametrize("fail", ["enospc", "full-device"])
+def test_full_disk_keeps_previous_checkpoint_and_says_so(tmp_path, fail):
     ckpts = tmp_path / "checkpoints"
     _save(ckpts, 4, epoch=0)
     before = _files(ckpts / "step_00000004")
     for step in (4, 6):  # a re-save of the same step, and a new step
         with pytest.raises(checkpoint.CheckpointError) as err:
-            _save(ckpts, step, FakeEngine(fail="enospc"), epoch=1)
+            _save(ckpts, step, FakeEngine(fail=fail), epoch=1)
         msg = str(err.value)
-        assert f"could not write checkpoint step_0000000{step}" in msg and "No space left on device" in msg
+        assert f"could not write checkpoint step_0000000{step}" in msg
+        assert ("No space left on device" if fail == "enospc" else "a file write failed (torch.save:") in msg
         assert re.search(r"\d+\.\d+ [MG]iB free; a checkpoint takes about \d+\.\d+ [MG]iB\)", msg)
         assert "The previous checkpoint (step_00000004) is intact" in msg
         assert sorted(p.name for p in ckpts.iterdir() if p.is_dir()) == ["step_00000004"]  # no partial folder

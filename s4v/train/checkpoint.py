@@ -171,7 +171,17 @@ def _size(n: int) -> str:
     return f"{n / 2 ** 30:.2f} GiB" if n >= 2 ** 30 else f"{n / 2 ** 20:.1f} MiB"
 
 
-def _full_disk_message(err: OSError, ckpt_dir: Path, tag: str, previous: Optional[str], engine) -> str:
+def _write_failed(err: Exception) -> bool:
+    """An I/O failure while writing: an OSError, or torch.save's zip writer, which reports a full disk or
+    quota as a RuntimeError ("[enforce fail at inline_container.cc] ... unexpected pos" or "PytorchStreamWriter
+    failed writing file")."""
+    text = str(err)
+    return isinstance(err, OSError) or (isinstance(err, RuntimeError) and
+                                        ("inline_container" in text or "PytorchStreamWriter" in text))
+
+
+def _full_disk_message(err: Exception, ckpt_dir: Path, tag: str, previous: Optional[str], engine) -> str:
+    reason = str(err) if isinstance(err, OSError) else f"a file write failed (torch.save: {err})"
     try:
         free = f"{_size(shutil.disk_usage(ckpt_dir).free)} free"
     except OSError:
@@ -180,7 +190,7 @@ def _full_disk_message(err: OSError, ckpt_dir: Path, tag: str, previous: Optiona
         need = _folder_bytes(ckpt_dir / previous)
     else:  # fp32 master + 2 Adam moments (+ the consolidated copy) + module weights
         need = sum(p.numel() for p in engine.module.parameters()) * (4 * 3 * 2 + 4)
-    return (f"could not write checkpoint {tag} in {ckpt_dir}: {err} ({free}; a checkpoint takes about "
+    return (f"could not write checkpoint {tag} in {ckpt_dir}: {reason} ({free}; a checkpoint takes about "
             f"{_size(need)}). The previous checkpoint ({previous or 'none'}) is intact; free "
             "space and resume.")
 
@@ -208,7 +218,9 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict[str, Any], rank_s
         if is_main:
             atomic_write_bytes(ckpt_dir / work / COMPLETE, _manifest(ckpt_dir / work, engine.world_size))
             _publish(ckpt_dir, work, tag, keep)
-    except OSError as err:  # full disk, quota, permissions: the previous checkpoint is kept
+    except Exception as err:  # full disk, quota, permissions: the previous checkpoint is kept
+        if not _write_failed(err):
+            raise
         shutil.rmtree(ckpt_dir / work, ignore_errors=True)
         raise CheckpointError(_full_disk_message(err, ckpt_dir, tag, previous, engine)) from err
     barrier()

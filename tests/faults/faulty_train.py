@@ -9,12 +9,12 @@ fault hooks switched on by environment variables (each a no-op when unset):
 - S4V_FAULT_NAN="3,5-7": the recognition loss is NaN in those optimizer-step attempts of this process
   (1-based, skipped ones included: a skipped update does not advance the step counter).
 - S4V_FAULT_CKPT="MODE:STEP" (MODE kill | enospc): while checkpoint step_STEP is being written (in its
-  temporary folder `step_STEP.tmp-*`), the first file is written half-way, then the process SIGKILLs
-  itself (kill) or the write fails with OSError(ENOSPC) (enospc, a full disk).
+  temporary folder `step_STEP.tmp-*`), kill: the first file is written half-way, then the process
+  SIGKILLs itself; enospc: DeepSpeed's own save writes the first file onto a full device (/dev/full),
+  so the error is the one a full disk gives (torch's RuntimeError).
 """
 from __future__ import annotations
 
-import errno
 import io
 import json
 import os
@@ -92,16 +92,18 @@ def install() -> None:
         orig_save = TorchCheckpointEngine.save
 
         def save(self, state_dict, path):
-            if f"/{tag}/" in str(path) or f"/{tag}.tmp-" in str(path):  # written aside, renamed when complete
+            in_tag = f"/{tag}/" in str(path) or f"/{tag}.tmp-" in str(path)  # written aside, renamed when complete
+            if in_tag and mode == "enospc":
+                os.symlink("/dev/full", path)  # every write fails with ENOSPC, as on a full disk
+                return orig_save(self, state_dict, path)
+            if in_tag:
                 buf = io.BytesIO()
                 torch.save(state_dict, buf)
                 with open(path, "wb") as f:  # a partial file, as a crash or a full disk leaves it
                     f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
                     f.flush()
                     os.fsync(f.fileno())
-                if mode == "kill":
-                    os.kill(os.getpid(), signal.SIGKILL)
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+                os.kill(os.getpid(), signal.SIGKILL)
             return orig_save(self, state_dict, path)
 
         TorchCheckpointEngine.save = save
