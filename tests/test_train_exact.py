@@ -139,3 +139,28 @@ def test_restart_after_a_crash_before_any_checkpoint_logs_each_step_once(shards,
     assert rest["step"] == 6
     _assert_same_losses(uninterrupted["run_dir"], rest["run_dir"], 6)  # each step once
     _assert_every_sample_once(rest["run_dir"], [0, 1])
+
+
+def test_resume_from_another_runs_checkpoint_leaves_that_run_alone(shards, tmp_path, uninterrupted):
+    """`train.resume=<other run>/checkpoints/step_3` in a new run: the other run's later checkpoints were
+    moved to its `abandoned/` folder; now that folder is left as it is, the new run continues exactly,
+    and its lineage holds its own steps only. A resume path with no checkpoint is an error, not a silent
+    fresh start."""
+    import shutil
+
+    source = tmp_path / "source"
+    shutil.copytree(uninterrupted["run_dir"], source)
+    before = sorted(p.name for p in (source / "checkpoints").iterdir())
+    assert "step_00000003" in before and "step_00000006" in before
+    branch = run_train(tiny_overrides(shards, tmp_path, "branch", **ACCUM,
+                                      **{"train.resume": source / "checkpoints" / "step_00000003"}), nproc=2)
+    assert sorted(p.name for p in (source / "checkpoints").iterdir()) == before
+    assert branch["step"] == 6 and branch["status"] == "finished"
+    full = losses(uninterrupted["run_dir"])
+    assert losses(branch["run_dir"]) == pytest.approx({s: full[s] for s in (4, 5, 6)}, abs=1e-6)
+    _assert_every_sample_once(branch["run_dir"], [1])
+
+    (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
+    proc = launch(tiny_overrides(shards, tmp_path, "fresh", **ACCUM, **{"train.resume": tmp_path / "empty"}))
+    assert proc.returncode == 2 and "holds no checkpoint yet" in proc.stderr, proc.tail()
+    assert "Traceback" not in proc.stderr

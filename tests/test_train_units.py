@@ -153,3 +153,48 @@ def test_sync_batchnorm_equals_single_process_full_batch():
     assert torch.allclose(results[0][2] + results[1][2], ref.weight.grad, atol=1e-4)
     assert torch.allclose(results[0][3], ref.running_mean, atol=1e-6)
     assert torch.allclose(results[1][4], ref.running_var, atol=1e-5)
+
+
+def _lineage_segment(run_dir, world: int, resume_from=None, keys=()):
+    """One attempt of a run on `world` ranks: resume from `resume_from` (a checkpoint's (rank sizes,
+    former-rank sizes)), rank r trains keys[r], then a checkpoint; returns what it records."""
+    from s4v.train.lineage import SampleLineage
+
+    ranks = [SampleLineage(run_dir, r) for r in range(world)]
+    if resume_from is not None:
+        for lineage in ranks:
+            lineage.rewind(*resume_from)
+    for lineage, key in zip(ranks, keys):
+        lineage.write(0, 1, 0, {"key": [key]})
+    saved = ([lineage.flush() for lineage in ranks], ranks[0].sizes_from_rank(world))
+    for lineage in ranks:
+        lineage.file.close()
+    return saved
+
+
+@pytest.mark.parametrize("worlds", [(2, 1, 2), (2, 1, 1), (3, 1, 2, 1)])
+def test_lineage_keeps_rows_of_ranks_an_earlier_world_had(tmp_path, worlds):
+    """2 -> 1 -> 2 (and 2 -> 1 -> 1): rank 1's rows from before the world shrank were emptied at the next
+    resume, because a 1-rank checkpoint knew no size for rank1.jsonl."""
+    from s4v.train.lineage import read_lineage
+
+    saved, trained = None, []
+    for i, world in enumerate(worlds):
+        keys = [f"s{i}r{r}" for r in range(world)]
+        saved = _lineage_segment(tmp_path, world, saved, keys)
+        trained += keys
+    _lineage_segment(tmp_path, 1, saved)  # one more resume, then nothing trained
+    assert sorted(k for row in read_lineage(tmp_path) for k in row["keys"]) == sorted(trained)
+
+
+def test_lineage_rows_written_after_the_checkpoint_are_dropped(tmp_path):
+    from s4v.train.lineage import SampleLineage, read_lineage
+
+    saved = _lineage_segment(tmp_path, 2, None, ["a", "b"])
+    late = [SampleLineage(tmp_path, r) for r in range(3)]  # a 3-rank attempt that never checkpointed
+    for lineage, key in zip(late, ["x", "y", "z"]):
+        lineage.write(0, 2, 0, {"key": [key]})
+        lineage.flush()
+        lineage.file.close()
+    _lineage_segment(tmp_path, 1, saved)
+    assert sorted(k for row in read_lineage(tmp_path) for k in row["keys"]) == ["a", "b"]

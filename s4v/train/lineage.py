@@ -3,15 +3,16 @@ with the epoch, the optimizer step it contributes to, its place in the step's wi
 keys (and `"skipped": true` when the window's update was skipped), so "which clips were in step 40,000"
 has an answer.
 
-Each checkpoint records every file's size; a resume cuts the files back to those sizes, so after any
-number of interruptions (and on another world size) the files hold each trained micro-batch once.
+Each checkpoint records every file's size (those of ranks an earlier, wider world had too); a resume
+cuts the files back to those sizes, so after any number of interruptions (and on other world sizes)
+the files hold each trained micro-batch once.
 """
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 from s4v.train.dist import barrier
 
@@ -40,19 +41,26 @@ class SampleLineage:
         os.fsync(self.file.fileno())
         return self.path.stat().st_size
 
-    def rewind(self, saved_sizes: Sequence[Optional[int]], world_size: int) -> None:
-        """Cut every rank's file back to its size at the checkpoint (`saved_sizes[r]` for the ranks that
-        wrote it); files of ranks the checkpoint does not know were written after it and are emptied.
-        Rank 0 does it while the others wait."""
+    def sizes_from_rank(self, first_rank: int) -> dict[int, int]:
+        """Rank 0, at a checkpoint: the sizes of the files of ranks >= `first_rank` (left by an earlier,
+        wider world; no rank writes them now), so that a resume from this checkpoint keeps their rows."""
+        return {r: path.stat().st_size for r, path in self._files() if r >= first_rank}
+
+    def rewind(self, saved_sizes: Sequence[Optional[int]], former_ranks: Mapping[int, int] = {}) -> None:
+        """Cut every rank's file back to its size at the checkpoint: `saved_sizes[r]` for the ranks that
+        wrote it, `former_ranks[r]` for files of an earlier, wider world that it kept; a file the checkpoint
+        does not know was started after it and is emptied. Rank 0 does it while the others wait."""
         self.file.close()
         if self.rank == 0:
-            for path in self.dir.glob("rank*.jsonl"):
-                r = int(path.stem[len("rank"):])
-                size = saved_sizes[r] if r < len(saved_sizes) else 0
+            sizes = {**{int(r): n for r, n in former_ranks.items()}, **dict(enumerate(saved_sizes))}
+            for r, path in self._files():
                 with open(path, "r+b") as f:
-                    f.truncate(min(size or 0, path.stat().st_size))
+                    f.truncate(min(sizes.get(r) or 0, path.stat().st_size))
         barrier()
         self.file = open(self.path, "a", buffering=1)
+
+    def _files(self) -> list[tuple[int, Path]]:
+        return [(int(path.stem[len("rank"):]), path) for path in sorted(self.dir.glob("rank*.jsonl"))]
 
 
 def read_lineage(run_dir: Path) -> list[dict]:

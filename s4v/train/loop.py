@@ -218,6 +218,8 @@ class Trainer:
                       "loss_since_log": [self.loss_sum.item(), self.loss_count.item()]}
         if self.lineage:
             rank_state["lineage_bytes"] = self.lineage.flush()
+            if self.info.is_main:
+                client["lineage_bytes_of_former_ranks"] = self.lineage.sizes_from_rank(self.info.world_size)
         tag = checkpoint.save(self.engine, self.ckpt_dir, self.step, client, rank_state,
                               self.cfg.train.keep_checkpoints)
         self.saved_state = self.state_key()
@@ -228,11 +230,15 @@ class Trainer:
         if mode == "none":
             return
         ckpt_dir, tag = (self.ckpt_dir, None) if mode == "auto" else checkpoint.resolve_resume(Path(mode))
+        own = ckpt_dir.resolve() == self.ckpt_dir.resolve()  # else another run's: its folder is left as it is
         loaded = checkpoint.load(self.engine, ckpt_dir, tag)
+        if loaded is None and mode != "auto":
+            raise ConfigError(f"train.resume={mode}: {ckpt_dir} holds no checkpoint yet "
+                              "(train.resume=auto starts fresh when there is none)")
         if loaded is None:  # a fresh start: rows and lineage of an attempt that never checkpointed go
             self.logger.rewind(0)
             if self.lineage:
-                self.lineage.rewind([], self.info.world_size)
+                self.lineage.rewind([])
             return
         client, rank_states = loaded
         self.check_resumable(client)
@@ -250,10 +256,13 @@ class Trainer:
             seed_everything(self.cfg.train.seed + self.step * 1009 + self.info.rank)
             log.warning("resumed on %d ranks from a checkpoint of %d ranks: the rest of epoch %d is re-dealt "
                         "over the new ranks", self.info.world_size, len(rank_states), self.epoch)
-        if self.lineage:
-            self.lineage.rewind([r.get("lineage_bytes") for r in rank_states], self.info.world_size)
+        if self.lineage and own:
+            self.lineage.rewind([r.get("lineage_bytes") for r in rank_states],
+                                client.get("lineage_bytes_of_former_ranks", {}))
+        elif self.lineage:  # this run's lineage starts at the other run's step; that run's rows are in its folder
+            self.lineage.rewind([])
         self.logger.rewind(self.step)
-        if self.info.is_main:
+        if self.info.is_main and own:
             checkpoint.set_aside_newer(ckpt_dir, self.step)
         barrier()
         self.saved_state = self.state_key()
