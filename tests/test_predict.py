@@ -213,3 +213,33 @@ def test_export_from_any_checkpoint_and_load_it_anywhere(trained, tmp_path):
     assert torch.equal(ckpt_model.head.fc.weight, early.head.fc.weight)
     proc = s4v_cli("export", str(run), "--tag", "step_5")
     assert proc.returncode == 2 and "no such checkpoint" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("name", ["s4v_tiny", "s4v_tiny_pe", "s4v_tiny_siglip2", "s4v_tiny_dinov2",
+                                  "s4v_tiny_dinov3", "s4v_retrieval_tiny_siglip2"])
+def test_default_preprocess_normalises_as_the_tower_was_trained(name, tmp_path):
+    """A model with no stored protocol (create_model, or a model file saved without one) is normalised
+    with its tower family's mean/std: PE-Core, SigLIP2 and DINO models got CLIP's."""
+    from s4v.model.checkpoint_io import save_model
+    from s4v.model.towers import family_info
+
+    model, pre = s4v.create_model(name, 3, 4, return_preprocess=True)
+    family = family_info(model.spec.backbone.family)
+    assert pre.data.mean == pytest.approx(family.mean) and pre.data.std == pytest.approx(family.std)
+    save_model(model, tmp_path / "m.pt", include_backbone=True)
+    _, loaded = s4v.load(tmp_path / "m.pt")
+    assert loaded.to_dict() == pre.to_dict()
+
+
+def test_retrieval_model_file_keeps_its_test_protocol(tmp_path):
+    """The end-of-run retrieval export stored no protocol, so a moved export was read with defaults."""
+    from s4v.data.config import DataConfig
+    from s4v.infer.preprocess import protocol_dict
+    from s4v.model.checkpoint_io import save_model
+
+    model = s4v.create_model("s4v_retrieval_tiny_siglip2", num_frames=4)
+    protocol = protocol_dict(DataConfig(num_frames=4, image_size=model.spec.backbone.image_size, resize_short=40,
+                                        mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), test_sampling="linspace"))
+    save_model(model, tmp_path / "r.pt", include_backbone=True, preprocess=protocol)
+    _, pre = s4v.load(tmp_path / "r.pt")
+    assert pre.to_dict() == protocol

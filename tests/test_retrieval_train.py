@@ -156,6 +156,13 @@ def test_two_ranks_zero3_bertadam_retrieval_matches_its_export(captioned_small, 
     for report in (_eval(run_dir), _eval(run_dir, nproc=2)):
         for key in ("t2v_r1", "t2v_r5", "t2v_medr", "t2v_meanr", "v2t_r1", "v2t_r5", "v2t_medr", "v2t_meanr"):
             assert report[key] == pytest.approx(res[f"val_{key}"], abs=1e-6), key
+    # the export keeps the run's test protocol: moved out of the run folder, it is read as the run reads
+    import shutil
+
+    import s4v
+
+    shutil.copy(run_dir / "model_side_head.pt", tmp_path / "moved.pt")
+    assert s4v.load(tmp_path / "moved.pt")[1].to_dict() == s4v.load(run_dir)[1].to_dict()
 
 
 def _two_rank_worker(rank, world, port, out):

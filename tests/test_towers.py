@@ -346,3 +346,22 @@ def test_data_normalisation_left_at_its_default_follows_the_tower():
     assert load_experiment(None, ["model.name=s4v_b16"]).data.mean[0] == pytest.approx(0.48145466)
     with pytest.raises(ConfigError, match="tower expects mean"):
         load_experiment(None, ["model.name=s4v_siglip2_b16", "data.std=[0.3,0.3,0.3]"])
+
+
+def test_wrong_timm_tag_or_a_folder_as_pretrained_is_one_clear_error(tmp_path):
+    """A wrong DINO tag gave timm's raw RuntimeError; a folder (a Hugging Face snapshot) passed the
+    training preflight, then failed in the tower load with a traceback."""
+    from s4v.experiment import load_experiment
+    from s4v.train.preflight import pretrained_problem
+
+    dino = RECOGNITION["s4v_dinov2_l14"].backbone
+    with pytest.raises(WeightsFileError, match=r"nor a timm pretrained tag .*tags: .*lvd142m"):
+        resolve_pretrained(dino, "bogus")
+    snapshot = tmp_path / "snapshot"
+    snapshot.mkdir()
+    (snapshot / "model.safetensors").write_bytes(b"")
+    with pytest.raises(WeightsFileError, match=r"is a folder, not a weights file.*holds model\.safetensors"):
+        resolve_pretrained(dino, str(snapshot))
+    for value in ("lvd142mm", str(snapshot)):
+        problem = pretrained_problem(load_experiment(None, ["model.name=s4v_dinov2_l14", f"model.pretrained={value}"]))
+        assert problem and ("tags:" in problem or "is a folder" in problem), problem

@@ -95,17 +95,9 @@ def model_from_checkpoint(run_dir: Path, folder: Path, cfg, pretrained=None, dev
 def save_export(model: nn.Module, out: Path, include_backbone: bool, protocol: dict) -> None:
     """Write `model` as a native model file with its class names and test protocol (atomically)."""
     from s4v.model.checkpoint_io import save_model
-    from s4v.model.retrieval import Side4VideoRetrieval, save_retrieval_model
 
-    if isinstance(model, Side4VideoRetrieval):
-        from s4v.fileio import atomic_torch_save
-
-        save_retrieval_model(model, out, include_backbone=include_backbone)
-        ckpt = torch.load(out, map_location="cpu", weights_only=False)
-        atomic_torch_save({**ckpt, "preprocess": protocol}, out)
-    else:
-        save_model(model, out, include_backbone=include_backbone, classes=getattr(model, "class_names", None),
-                   preprocess=protocol)
+    save_model(model, out, include_backbone=include_backbone, classes=getattr(model, "class_names", None),
+               preprocess=protocol)  # a retrieval model: its own format, with the protocol too
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

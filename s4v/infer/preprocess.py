@@ -3,8 +3,8 @@ that turns a video file into the tensor the model takes.
 
 The protocol is the `data.*` test fields of the experiment the model was trained with: read from a run
 directory's `config.yaml`, from the `preprocess` entry that exports keep, or, for a model without
-either, the defaults for its frame count and input size (K400 protocol: short side resized to
-image_size * 256/224, one centre crop, one clip, CLIP mean/std).
+either, the defaults for its frame count, input size and tower (K400 protocol: short side resized to
+image_size * 256/224, one centre crop, one clip, the tower family's mean/std).
 """
 from __future__ import annotations
 
@@ -67,19 +67,21 @@ def from_dict(protocol: dict[str, Any]) -> Preprocess:
     return Preprocess(DataConfig(**known))
 
 
-def default_preprocess(num_frames: int, image_size: int, retrieval: bool = False) -> Preprocess:
+def default_preprocess(num_frames: int, image_size: int, retrieval: bool = False,
+                       mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD) -> Preprocess:
     """The protocol for a model that stores none: short side to image_size * 256/224, centre crop, one
-    clip; recognition samples frames with the K400 `uniform` rule, retrieval evenly over the whole
-    video (`linspace`, as MSR-VTT/MSVD testing)."""
+    clip, normalised with `mean`/`std` (the tower's); recognition samples frames with the K400 `uniform`
+    rule, retrieval evenly over the whole video (`linspace`, as MSR-VTT/MSVD testing)."""
     return Preprocess(DataConfig(num_frames=num_frames, image_size=image_size,
-                                 resize_short=round(image_size * 256 / 224), mean=CLIP_MEAN, std=CLIP_STD,
+                                 resize_short=round(image_size * 256 / 224), mean=tuple(mean), std=tuple(std),
                                  test_sampling="linspace" if retrieval else None))
 
 
 def preprocess_for(model, protocol: Optional[dict[str, Any]] = None) -> Preprocess:
-    """The model's preprocess: `protocol` (stored with it) if given, else the defaults for its size. The
-    frame count always follows the model (a protocol saying otherwise would not fit it)."""
+    """The model's preprocess: `protocol` (stored with it) if given, else the defaults for its size and
+    tower. The frame count always follows the model (a protocol saying otherwise would not fit it)."""
     from s4v.model.retrieval import Side4VideoRetrieval
+    from s4v.model.towers import family_info
 
     size = model.spec.backbone.image_size
     if protocol:
@@ -87,7 +89,8 @@ def preprocess_for(model, protocol: Optional[dict[str, Any]] = None) -> Preproce
         if pre.data.num_frames != model.num_frames or pre.data.image_size != size:
             pre = Preprocess(dataclasses.replace(pre.data, num_frames=model.num_frames, image_size=size))
         return pre
-    return default_preprocess(model.num_frames, size, isinstance(model, Side4VideoRetrieval))
+    family = family_info(model.spec.backbone.family)  # the tower only works on inputs normalised as trained
+    return default_preprocess(model.num_frames, size, isinstance(model, Side4VideoRetrieval), family.mean, family.std)
 
 
 def read_video(path: str | os.PathLike, num_frames: int = 8, image_size: int = 224, *, crops: int = 1,

@@ -32,7 +32,7 @@ def save_model(model: Side4VideoClassifier, path: str | os.PathLike, include_bac
     if getattr(model.spec, "text", None) is not None:
         from .retrieval import save_retrieval_model
 
-        return save_retrieval_model(model, path, include_backbone)
+        return save_retrieval_model(model, path, include_backbone, preprocess)
     sd = {k: v.detach().cpu() for k, v in model.state_dict().items()
           if include_backbone or not k.startswith("backbone.")}
     atomic_torch_save({
@@ -71,7 +71,7 @@ def load_model(path: str | os.PathLike, pretrained: Optional[str | os.PathLike] 
     spec = spec_from_dict(ckpt["spec"])
     if not ckpt["includes_backbone"] and pretrained is None:
         raise WeightsFileError(f"{path} holds only the side network and head; pass the backbone weights file "
-                               "as pretrained=PATH (model.pretrained=...)")
+                               "as pretrained=PATH (model.pretrained=PATH in a config, --pretrained PATH on the command line)")
     model = build_model(spec, ckpt["num_classes"], ckpt["num_frames"], ckpt["name"],
                         pretrained=pretrained if not ckpt["includes_backbone"] else None, device="meta")
     sd = dict(ckpt["state_dict"])

@@ -60,11 +60,17 @@ def _open_clip_source(spec: BackboneSpec, tag: str) -> tuple[str, tuple[str, ...
     return hub, files, cfg.get("url", "")
 
 
+WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+
+
 def _timm_source(spec: BackboneSpec, tag: str) -> tuple[str, tuple[str, ...]]:
     import timm
 
     name = f"{spec.timm_name}.{tag}"
-    cfg = timm.models.get_pretrained_cfg(name)
+    try:
+        cfg = timm.models.get_pretrained_cfg(name)
+    except RuntimeError:  # timm: "Invalid pretrained tag (...)"
+        cfg = None
     if cfg is None or not cfg.hf_hub_id:
         tags = [n.partition(".")[2] for n in timm.list_pretrained(f"{spec.timm_name}.*")]
         raise WeightsFileError(f"pretrained={tag!r} is neither a file nor a timm pretrained tag of "
@@ -75,12 +81,16 @@ def _timm_source(spec: BackboneSpec, tag: str) -> tuple[str, tuple[str, ...]]:
 def resolve_pretrained(spec: BackboneSpec, pretrained: str | os.PathLike) -> str:
     """A local file path for `pretrained` (a path, an open_clip/timm tag or `hf-hub:` name), offline."""
     text = os.fspath(pretrained)
+    if os.path.isdir(text):  # e.g. a Hugging Face snapshot folder
+        inside = sorted(p.name for p in Path(text).iterdir() if p.name.endswith(WEIGHT_SUFFIXES))
+        raise WeightsFileError(f"pretrained={text!r} is a folder, not a weights file; pass the file itself"
+                               + (f" (it holds {', '.join(inside[:6])})" if inside else ""))
     if os.path.exists(text):
         return text
     if text.startswith("hf-hub:"):
         repo = text[len("hf-hub:"):]
         return find_in_hf_cache(repo, OPEN_CLIP_FILES + TIMM_FILES)
-    if os.sep in text or text.endswith((".pt", ".pth", ".bin", ".safetensors", ".ckpt")):
+    if os.sep in text or text.endswith(WEIGHT_SUFFIXES):
         raise FileNotFoundError(f"checkpoint file not found: {text}")
     if spec.open_clip_name:
         repo, files, url = _open_clip_source(spec, text)

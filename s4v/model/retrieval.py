@@ -411,8 +411,10 @@ def create_retrieval_model(name: str, num_frames: int = 12, pretrained: Optional
 
 
 # ------------------------------------------------------------------------------ native model files
-def save_retrieval_model(model: Side4VideoRetrieval, path: str | os.PathLike, include_backbone: bool = False) -> None:
-    """Everything but (optionally) the frozen image tower: side network, heads, text tower, temperature."""
+def save_retrieval_model(model: Side4VideoRetrieval, path: str | os.PathLike, include_backbone: bool = False,
+                         preprocess: Optional[dict] = None) -> None:
+    """Everything but (optionally) the frozen image tower: side network, heads, text tower, temperature;
+    `preprocess`: the test protocol (s4v.infer.preprocess.protocol_dict) that `s4v.load` / `s4v extract` use."""
     sd = {k: v.detach().cpu() for k, v in model.state_dict().items()
           if include_backbone or not k.startswith("backbone.")}
     atomic_torch_save({
@@ -420,6 +422,7 @@ def save_retrieval_model(model: Side4VideoRetrieval, path: str | os.PathLike, in
         "spec": spec_to_dict(model.spec),
         "num_frames": model.num_frames, "interaction": model.interaction.mode,
         "max_temperature": model.temperature.max_scale, "includes_backbone": include_backbone, "state_dict": sd,
+        "preprocess": preprocess,
     }, path)
 
 
@@ -441,7 +444,8 @@ def load_retrieval_model(path: str | os.PathLike, pretrained: Optional[str | os.
         raise WeightsFileError(f"{path} is not an s4v retrieval model file")
     spec = spec_from_dict(ckpt["spec"])
     if not ckpt["includes_backbone"] and pretrained is None:
-        raise ValueError(f"{path} holds no image tower; pass the CLIP weights file as pretrained=PATH")
+        raise WeightsFileError(f"{path} holds no image tower; pass the tower's weights file as pretrained=PATH "
+                               "(model.pretrained=PATH in a config, --pretrained PATH on the command line)")
     with torch.device("meta"):
         model = Side4VideoRetrieval(spec, ckpt["num_frames"], ckpt["interaction"], ckpt["name"])
     _real_causal_mask(model.text)

@@ -88,7 +88,7 @@ def pretrained_problem(cfg: ExperimentConfig) -> str | None:
     value = cfg.model.pretrained
     if Path(value).is_file():
         return None
-    if "/" in value and not value.startswith("hf-hub:"):
+    if "/" in value and not value.startswith("hf-hub:") and not Path(value).is_dir():
         return f"no weights file {value!r}"
     try:
         resolve_pretrained(get_spec(cfg.model.name).backbone, value)

@@ -372,10 +372,12 @@ class RetrievalTask:
         return {f"val_{k}": v for k, v in report.items() if k.startswith(("t2v_", "v2t_"))}
 
     def export(self, trainer) -> Optional[Path]:
+        from s4v.infer.preprocess import protocol_dict
         from s4v.model.retrieval import save_retrieval_model
 
+        protocol = protocol_dict(self.cfg.data)  # the test protocol `s4v.load` / `s4v extract` follow
         return _export(trainer, lambda path: save_retrieval_model(
-            trainer.model, path, include_backbone=self.cfg.model.pretrained is None))
+            trainer.model, path, include_backbone=self.cfg.model.pretrained is None, preprocess=protocol))
 
 
 def log_retrieval(logger, step: int, prefix: str, report: dict) -> None:
