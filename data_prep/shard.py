@@ -17,7 +17,7 @@ from data_prep.classes import class_list_conflicts
 from data_prep.datasets import ALIASES, PARSERS, AnnotationError, ParseArgs, parse_split
 from data_prep.staging import JOURNAL, replace_split, staging_dir
 from data_prep.transcode import EncodeOptions, Transcoder
-from data_prep.writer import Interrupted, ShardOptions, save_index, write_split
+from data_prep.writer import Interrupted, ShardOptions, order_records, save_index, write_split
 from s4v.data.format import SplitIndex
 
 
@@ -62,9 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-shard-bytes", type=parse_size,
                    help="also cap shard size (e.g. 1G); an over-full shard continues in NAME-01.tar, ...")
     s.add_argument("--seed", type=int, default=0,
-                   help="seed of the sample shuffle of train splits (default 0); other splits stay sorted by source id")
+                   help="seed of the sample shuffle (default 0): every split is written in a shuffled order, so a "
+                        "split trained on is never class-sorted, whatever its name")
     s.add_argument("--no-shuffle", action="store_true",
-                   help="keep train splits sorted by source id too (folder/manifest sources are then class-sorted)")
+                   help="write samples sorted by source id (folder/manifest sources are then class-sorted)")
     s.add_argument("--shuffle-seed", type=int, help=argparse.SUPPRESS)  # older option: shuffle any split with this seed
     s.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel processes")
     s.add_argument("--num-jobs", type=int, default=slurm_default("SLURM_ARRAY_TASK_COUNT", 1),
@@ -77,20 +78,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true",
                    help="replace this split's existing shards (the new split is written aside and replaces the old "
                         "one only once complete)")
-    s.add_argument("--limit", type=int, help="only the first N records (sorted order), for a trial run")
+    s.add_argument("--limit", type=int, help="only N records, for a trial run (the first N of the shuffled "
+                                                   "order: a random sample over the classes)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
-
-
-def is_train_split(split: str) -> bool:
-    """`train`, `train9k`, `train_7k`, ...: splits whose sample order is shuffled by default."""
-    return split.lower().startswith("train")
 
 
 def shuffle_seed(args: argparse.Namespace) -> Optional[int]:
     if args.shuffle_seed is not None:
         return args.shuffle_seed
-    return None if args.no_shuffle or not is_train_split(args.split) else args.seed
+    return None if args.no_shuffle else args.seed
 
 
 def warn(message: str) -> None:
@@ -145,7 +142,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for message in parsed.warnings:
             warn(message)
         check_classes(args, parsed.classes)
-        records = sorted(parsed.records, key=lambda r: r.source_id)[:args.limit] if args.limit else parsed.records
+        records = order_records(parsed.records, shuffle_seed(args))[:args.limit] if args.limit else parsed.records
         opts = ShardOptions(out=args.out, dataset=parsed.dataset, split=args.split, classes=parsed.classes,
                             codec=args.codec, shard_size=args.shard_size, max_shard_bytes=args.max_shard_bytes,
                             min_frames=args.min_frames, workers=args.workers, shuffle_seed=shuffle_seed(args),

@@ -30,9 +30,9 @@ def uniform_distinct(classes: int = CLASSES, per_class: int = PER_CLASS, batch: 
     return classes * (1 - comb(n - per_class, batch) / comb(n, batch))
 
 
-def labels_by_gid(out: Path) -> np.ndarray:
+def labels_by_gid(out: Path, split: str = "train") -> np.ndarray:
     labels = []
-    for info in SplitIndex.load(out, "train").shards:
+    for info in SplitIndex.load(out, split).shards:
         with tarfile.open(out / info.name) as tar:
             labels += [int(tar.extractfile(m).read()) for m in tar.getmembers() if m.name.endswith(".cls")]
     return np.array(labels)
@@ -56,15 +56,15 @@ def class_sorted_source(tmp_path_factory) -> Path:
     return root
 
 
-def _shard(source: Path, out: Path, *extra: str) -> None:
-    assert shard.main(["--dataset", "folder", "--videos", str(source), "--split", "train", "--out", str(out),
+def _shard(source: Path, out: Path, *extra: str, split: str = "train") -> None:
+    assert shard.main(["--dataset", "folder", "--videos", str(source), "--split", split, "--out", str(out),
                        "--min-frames", "1", "--short-side", "0", "--workers", "1", "--no-progress", *extra]) == 0
 
 
 @pytest.fixture(scope="module")
 def shuffled(class_sorted_source, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("shuffled")
-    _shard(class_sorted_source, out)  # the default: train splits are shuffled
+    _shard(class_sorted_source, out)  # the default: every split is shuffled
     return out
 
 
@@ -94,3 +94,13 @@ def test_shuffle_is_deterministic_in_the_seed(class_sorted_source, tmp_path):
     seed0 = order("a", "--seed", "0", "--shard-size", "10")
     assert order("b", "--seed", "0") == seed0 != order("c", "--seed", "1")
     assert seed0 != sorted(seed0)
+
+
+def test_any_split_name_is_shuffled_and_limit_samples_every_class(class_sorted_source, tmp_path):
+    """A split trained on need not be called `train*` (`fold1`, `k400_subset`): it was written class-sorted
+    without a word; and `--limit N` took the first N sorted records, i.e. the first classes only."""
+    _shard(class_sorted_source, tmp_path / "fold", split="fold1")
+    labels = labels_by_gid(tmp_path / "fold", "fold1")
+    assert list(labels) != sorted(labels) and len(labels) == CLASSES * PER_CLASS
+    _shard(class_sorted_source, tmp_path / "trial", "--limit", str(PER_CLASS), split="fold1")
+    assert len(set(labels_by_gid(tmp_path / "trial", "fold1"))) == CLASSES  # 64 of 512: every class drawn

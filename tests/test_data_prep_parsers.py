@@ -269,3 +269,26 @@ def test_folder_same_stem_files_are_both_kept_and_empty_classes_warn(tmp_path):
     (tmp_path / "classes.txt").write_text("run\njump\nswim\n")
     parsed = parse_split("folder", ParseArgs(vids, None, "train", classes_file=tmp_path / "classes.txt"))
     assert not any("--classes not given" in w for w in parsed.warnings)
+
+
+def test_manifest_segments_of_one_video_are_samples_of_their_own(tmp_path):
+    """Rows naming one video with other time ranges (or other ids) were merged into its first row: the
+    later segments, and a class only they had, vanished without a count."""
+    touch(tmp_path / "long.mp4")
+    touch(tmp_path / "b.mp4")
+    rows = [{"path": "long.mp4", "start": 0, "end": 1, "label": "walk"},
+            {"path": "long.mp4", "start": 1, "end": 2, "label": "run"},
+            {"path": "long.mp4", "start": 1, "end": 2, "caption": "a second caption"},  # same segment
+            {"path": "long.mp4", "id": "x1", "start": 2, "end": 3, "label": "jump"},  # one range, two ids
+            {"path": "long.mp4", "id": "x2", "start": 2, "end": 3, "label": "walk"},
+            {"path": "b.mp4", "label": "walk"},
+            {"path": "b.mp4", "label": "run"}]  # one clip, two labels: rejected, not silently relabelled
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    parsed = parse_split("manifest", ParseArgs(None, tmp_path / "m.jsonl", "train"))
+    recs = by_id(parsed)
+    assert sorted(recs) == ["b", "long@0-1", "long@1-2", "x1", "x2"]
+    assert parsed.classes == ["jump", "run", "walk"]
+    assert (recs["long@1-2"].label, recs["long@1-2"].captions, recs["long@1-2"].start) == ("run", ["a second caption"], 1)
+    assert (recs["x1"].label, recs["x2"].label, recs["long@0-1"].label) == ("jump", "walk", "walk")
+    assert recs["b"].missing_reason == "rows of one clip give it labels 'walk' and 'run'"
+    assert not any(recs[k].missing_reason for k in ("long@0-1", "long@1-2", "x1", "x2"))
