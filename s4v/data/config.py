@@ -71,9 +71,11 @@ class DataConfig:
             bad(f"num_frames must be >= 1, got {self.num_frames}")
         if self.test_crops not in (1, 3):
             bad(f"test_crops must be 1 or 3, got {self.test_crops}")
-        for name in ("test_clips", "repeated_aug", "batch_size"):
+        for name in ("test_clips", "repeated_aug", "batch_size", "image_size", "resize_short"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"data.{name} must be >= 1, got {getattr(self, name)}")
+        if len(self.resize_fixed) != 2 or min(self.resize_fixed) < 1:
+            raise ConfigError(f"data.resize_fixed must be [H, W] with H, W >= 1, got {list(self.resize_fixed)}")
         if self.test_sampling == "linspace" and self.test_clips != 1:
             bad(f"test_sampling: linspace takes one test clip, got test_clips={self.test_clips}")
         if not 0 < self.crop_area[0] <= self.crop_area[1] <= 1:

@@ -124,6 +124,8 @@ def test_cli_fails_fast_before_any_heavy_work(clean_shards, tmp_path):
     ("data.batch_size=0", "data.batch_size"), ("optim.lr=-0.001", "optim.lr"), ("optim.lr=0", "optim.lr"),
     ("optim.label_smoothing=1.5", "optim.label_smoothing"), ("train.keep_checkpoints=0", "train.keep_checkpoints"),
     ("train.log_every_steps=0", "train.log_every_steps"), ("eval.max_skip_fraction=2", "eval.max_skip_fraction"),
+    ("data.resize_short=0", "data.resize_short"), ("data.resize_short=-5", "data.resize_short"),
+    ("data.resize_fixed=[0,0]", "data.resize_fixed"), ("data.resize_fixed=[256,-1]", "data.resize_fixed"),
 ])
 def test_zero_and_nonsense_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=rf"^{re.escape(key)} must be "):
