@@ -164,3 +164,22 @@ def test_resume_from_another_runs_checkpoint_leaves_that_run_alone(shards, tmp_p
     proc = launch(tiny_overrides(shards, tmp_path, "fresh", **ACCUM, **{"train.resume": tmp_path / "empty"}))
     assert proc.returncode == 2 and "holds no checkpoint yet" in proc.stderr, proc.tail()
     assert "Traceback" not in proc.stderr
+
+
+def test_nan_on_one_rank_skips_the_whole_window_on_every_rank(shards, tmp_path):
+    """Real DeepSpeed, 2 ranks x accumulation 2: a NaN loss in rank 1's micro-batches of the second
+    window skips that optimizer update on both ranks (DeepSpeed's own count agrees), the run goes on,
+    and the weights stay finite."""
+    import torch
+
+    from tests.faults._common import ckpt_dir, final_weights
+
+    args = tiny_overrides(shards, tmp_path, "nan", **ACCUM, **{"train.epochs": 1})
+    run = launch(args, nproc=2, faults={"S4V_FAULT_NAN": "2", "S4V_FAULT_NAN_RANK": "1"}, timeout=240)
+    assert run.returncode == 0, run.tail()
+    res = run.result()
+    assert res["step"] == res["ds_optimizer_steps"] == 2  # 3 windows in the epoch, one skipped everywhere
+    assert "update skipped (1 in a row)" in run.output
+    rows = read_lineage(Path(res["run_dir"]))
+    assert sum(1 for r in rows if r.get("skipped")) == 4  # the window's 2 micro-batches on each of 2 ranks
+    assert all(torch.isfinite(v).all() for v in final_weights(ckpt_dir(tmp_path, "nan")).values())

@@ -8,6 +8,7 @@ fault hooks switched on by environment variables (each a no-op when unset):
 - S4V_FAULT_USR1="RANK:STEP": that rank sends itself SIGUSR1 at the start of step STEP (preemption).
 - S4V_FAULT_NAN="3,5-7": the recognition loss is NaN in those optimizer-step attempts of this process
   (1-based, skipped ones included: a skipped update does not advance the step counter).
+- S4V_FAULT_NAN_RANK="R": S4V_FAULT_NAN applies on rank R only (default: every rank).
 - S4V_FAULT_CKPT="MODE:STEP" (MODE kill | enospc): while checkpoint step_STEP is being written (in its
   temporary folder `step_STEP.tmp-*`), kill: the first file is written half-way, then the process
   SIGKILLs itself; enospc: DeepSpeed's own save writes the first file onto a full device (/dev/full),
@@ -51,6 +52,8 @@ def install() -> None:
         (logdir / f"pid_rank{rank}").write_text(str(os.getpid()))
     kill, usr1 = _pair("S4V_FAULT_KILL"), _pair("S4V_FAULT_USR1")
     nan = _steps(os.environ.get("S4V_FAULT_NAN", ""))
+    if os.environ.get("S4V_FAULT_NAN_RANK", str(rank)) != str(rank):
+        nan = set()
     ckpt = _pair("S4V_FAULT_CKPT")
 
     orig_step = loop.Trainer.micro_step
