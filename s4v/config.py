@@ -208,6 +208,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen: dict[Any, int] = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: its keys may be overridden here
+                continue
             key = self.construct_object(key_node, deep=deep)
             line = key_node.start_mark.line + 1
             if isinstance(key, typing.Hashable) and key in seen:
@@ -226,13 +228,15 @@ def _read_yaml(path: str | Path) -> Mapping[str, Any]:
         raw = p.read_bytes()
     except OSError as e:
         raise ConfigError(f"cannot read config file {p}: {e}") from e
+    if b"\0" in raw:
+        raise ConfigError(f"config file {p} is not a YAML text file (binary content at byte {raw.index(bytes(1))}); "
+                          "pass the experiment's .yaml file")
     try:
-        if b"\0" in raw:
-            raise UnicodeDecodeError("utf-8", raw, raw.index(b"\0"), raw.index(b"\0") + 1, "NUL byte")
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ConfigError(f"config file {p} is not a YAML text file (binary content at byte {e.start}); "
-                          "pass the experiment's .yaml file") from e
+        line = raw[:e.start].count(b"\n") + 1
+        raise ConfigError(f"config file {p} is not UTF-8 text (byte {e.start}, line {line}); save it as "
+                          "UTF-8") from e
     loader = _UniqueKeyLoader(text)
     loader.name = str(p)
     try:

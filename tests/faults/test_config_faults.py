@@ -180,3 +180,17 @@ def test_build_probes_are_quiet():
     quiet_build_probes()
     assert not logging.getLogger("compilers.C.base").isEnabledFor(logging.INFO)
     assert not logging.getLogger("torch.utils.cpp_extension").isEnabledFor(logging.WARNING)
+
+
+def test_yaml_merge_keys_work_and_a_non_utf8_file_says_so(tmp_path):
+    """`<<: *anchor` (a YAML merge key) was refused as an unknown tag; a Latin-1 comment was reported as
+    binary content."""
+    merged = tmp_path / "merged.yaml"
+    merged.write_text("base: &base\n  epochs: 3\n  seed: 7\ntrain:\n  <<: *base\n  epochs: 5\n")
+    from s4v.config import _read_yaml
+
+    assert _read_yaml(merged)["train"] == {"epochs": 5, "seed": 7}  # explicit keys override merged ones
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("# r\xe9sum\xe9\ntrain:\n  epochs: 2\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin\.yaml is not UTF-8 text \(byte 3, line 1\)"):
+        load_experiment(str(latin))
