@@ -66,3 +66,33 @@ def test_cuda_peak_trace_accounts_for_the_peak():
     # the operator recorder, read from the same step, names a call whose high is that peak
     high = row.peak_op["peak"]["high"]
     assert abs(high - row.cuda_peak) <= 0.05 * row.cuda_peak, (row.peak_op["peak"], row.cuda_peak)
+
+
+def test_cuda_predict_and_extract_agree_with_the_cpu(tmp_path):
+    """`s4v predict` / `s4v extract` with --device cuda (bf16 autocast, as s4v eval): the same top-1 and
+    scores within bf16 tolerance as on the CPU, the features too."""
+    import io
+    import json
+
+    from s4v.infer.features import video_features
+    from s4v.infer.predict import predict_files
+    from tests._media_files import write_video
+
+    files = [str(write_video(tmp_path / f"v{i}.mp4", frames=12 + i, height=32, width=40)) for i in range(4)]
+    torch.manual_seed(0)
+    model, pre = s4v.create_model("s4v_tiny", 5, 4, return_preprocess=True)
+    lines = {}
+    for device in ("cpu", "cuda"):
+        out = io.StringIO()
+        counts = predict_files(model.to(device).eval(), pre, files, out, topk=5, workers=0,
+                               device=torch.device(device), progress=False)
+        assert counts["num_predicted"] == len(files)
+        lines[device] = [json.loads(x) for x in out.getvalue().splitlines()]
+    for cpu, gpu in zip(lines["cpu"], lines["cuda"]):
+        assert dict(gpu["top"])[cpu["top"][0][0]] == pytest.approx(cpu["top"][0][1], abs=2e-2)
+    video = pre(files[0])
+    with torch.no_grad():
+        ref = video_features(model.cpu(), video, pre.views, "clip")
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            got = video_features(model.cuda(), video.cuda(), pre.views, "clip")
+    assert torch.allclose(got.float().cpu(), ref, atol=5e-2, rtol=5e-2)

@@ -243,3 +243,17 @@ def test_retrieval_model_file_keeps_its_test_protocol(tmp_path):
     save_model(model, tmp_path / "r.pt", include_backbone=True, preprocess=protocol)
     _, pre = s4v.load(tmp_path / "r.pt")
     assert pre.to_dict() == protocol
+
+
+def test_predict_files_takes_a_model_made_by_create_model(tmp_path):
+    """The Python API: `predict_files` on a fresh `s4v.create_model` model (no class names) raised
+    AttributeError; its classes are named by index."""
+    import io
+
+    from s4v.infer.predict import predict_files
+
+    path = write_video(tmp_path / "v.mp4", frames=10, height=32, width=40)
+    model, pre = s4v.create_model("s4v_tiny", 3, 4, return_preprocess=True)
+    out = io.StringIO()
+    assert predict_files(model.eval(), pre, [str(path)], out, topk=3, workers=0, progress=False)["num_predicted"] == 1
+    assert sorted(name for name, _ in json.loads(out.getvalue())["top"]) == ["0", "1", "2"]

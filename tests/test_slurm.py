@@ -296,3 +296,25 @@ def test_data_prep_array_shards_in_parts_and_merges_the_index(cluster, tmp_path)
     assert sorted(p.name for p in out.glob("train-*.tar")) == [f"train-{g:06d}.tar" for g in range(4)]
     index = json.loads((out / "train-index.json").read_text())
     assert [s["samples"] for s in index["shards"]] == [1, 1, 1, 1]
+
+
+def test_extract_script_covers_every_file_once_over_both_nodes(cluster, uninterrupted, tmp_path):
+    """slurm/extract.sh, unchanged, on 2 nodes with the trained run: each task extracts its own parts,
+    and the index lists every video once with its features."""
+    from s4v.infer.extract import load_index
+
+    _, ref_info, _, run_dir = uninterrupted
+    assert ref_info["JobState"] == "COMPLETED", "the training run failed"
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for i in range(5):
+        (videos / f"v{i}.mp4").write_bytes(encode_clip(6 + i, height=32, width=40))
+    out = tmp_path / "feats"
+    job = cluster.sbatch(*SBATCH_2X1, f"--output={tmp_path}/%x-%j.out", "slurm/extract.sh", str(run_dir),
+                         str(videos), "--out", str(out), "--part-size", "1")
+    log = tmp_path / f"s4v-extract-{job}.out"
+    info = cluster.wait(job, timeout=180, log=log)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", tail(log)
+    index, feats = load_index(out)
+    assert sorted(v["path"] for v in index["videos"]) == sorted(str(p) for p in videos.glob("*.mp4"))
+    assert len(feats) == 5 and not index.get("errors")

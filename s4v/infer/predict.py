@@ -94,7 +94,7 @@ def predict_files(model, preprocess, files: list[str], out: IO[str], topk: int =
     from .inputs import batches, read_videos
 
     device = device or torch.device("cpu")
-    names = list(model.class_names or []) or [str(i) for i in range(model.num_classes)]
+    names = list(getattr(model, "class_names", None) or []) or [str(i) for i in range(model.num_classes)]
     counts = {"num_videos": len(files), "num_predicted": 0, "num_unreadable": 0}
     bar = tqdm(total=len(files), desc="predict", unit="video", disable=not progress, file=sys.stderr)
     for group in batches(read_videos(files, preprocess, workers), batch_size):
