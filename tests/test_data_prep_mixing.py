@@ -1,4 +1,4 @@
-"""Class-sorted sources (issue 13, item 6): data_prep shuffles train splits, so that the training
+"""Class-sorted sources (issue 13, item 6): data_prep shuffles every split, so that the training
 loader's batches cover the classes as a uniform random draw would.
 
 8 classes x 64 tiny clips in class folders, batches of 16 read through the loader's epoch plan

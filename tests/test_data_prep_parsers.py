@@ -292,3 +292,36 @@ def test_manifest_segments_of_one_video_are_samples_of_their_own(tmp_path):
     assert (recs["x1"].label, recs["x2"].label, recs["long@0-1"].label) == ("jump", "walk", "walk")
     assert recs["b"].missing_reason == "rows of one clip give it labels 'walk' and 'run'"
     assert not any(recs[k].missing_reason for k in ("long@0-1", "long@1-2", "x1", "x2"))
+
+
+def test_manifest_rows_of_one_sample_merge_whatever_their_order(tmp_path):
+    """Rows of one id (the range on one row, captions on others) are one sample; a missing start is 0;
+    caption rows without id or range join their path's only segment; ambiguous rows and two ranges for
+    one id are rejected with their reason; several ids on one clip warn."""
+    for name in "abcdef":
+        touch(tmp_path / f"{name}.mp4")
+    rows = [{"path": "a.mp4", "id": "v1", "start": 3, "end": 13, "caption": "c1"},
+            {"path": "a.mp4", "id": "v1", "caption": "c2"},
+            {"path": "b.mp4", "start": 2.5, "end": 9, "caption": "d1"},
+            {"path": "b.mp4", "caption": "d2"},  # no id, no range: b's only sample
+            {"path": "c.mp4", "end": 5, "caption": "e1"},
+            {"path": "c.mp4", "start": 0, "end": 5, "caption": "e2"},  # the same clip as the row above
+            {"path": "d.mp4", "start": 0, "end": 1, "label": "x"},
+            {"path": "d.mp4", "start": 1, "end": 2, "label": "x"},
+            {"path": "d.mp4", "caption": "which one?"},
+            {"path": "e.mp4", "id": "w", "start": 0, "end": 1, "label": "x"},
+            {"path": "e.mp4", "id": "w", "start": 1, "end": 2, "label": "x"},
+            {"path": "f.mp4", "id": "s1", "caption": "one"},
+            {"path": "f.mp4", "id": "s2", "caption": "two"}]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    parsed = parse_split("manifest", ParseArgs(None, tmp_path / "m.jsonl", "train"))
+    recs = by_id(parsed)
+    assert (recs["v1"].captions, recs["v1"].start, recs["v1"].end) == (["c1", "c2"], 3, 13)
+    assert recs["b"].captions == ["d1", "d2"] and recs["b"].start == 2.5
+    assert recs["c"].captions == ["e1", "e2"]
+    assert sorted(k for k in recs if k.startswith("d")) == ["d#row9", "d@0-1", "d@1-2"]
+    assert recs["d#row9"].missing_reason.startswith("row 9 gives neither an id nor a time range, and d.mp4 has 2")
+    assert recs["w"].missing_reason == "rows of one sample give it two time ranges: 0-1 and 1-2 s"
+    assert recs["s1"].captions == ["one"] and recs["s2"].captions == ["two"]
+    assert any("listed under several ids with the same time range (e.g. f.mp4: s1, s2)" in w for w in parsed.warnings)
+    assert {k: recs[k].missing_reason for k in ("v1", "b", "c", "d@0-1", "d@1-2", "s1", "s2") if recs[k].missing_reason} == {}
