@@ -163,7 +163,14 @@ def test_resume_from_another_runs_checkpoint_leaves_that_run_alone(shards, tmp_p
     (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
     proc = launch(tiny_overrides(shards, tmp_path, "fresh", **ACCUM, **{"train.resume": tmp_path / "empty"}))
     assert proc.returncode == 2 and "holds no checkpoint yet" in proc.stderr, proc.tail()
-    assert "Traceback" not in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "fresh").exists()  # refused before the run folder
+    # the branch relaunched from the same checkpoint: its own later checkpoints are set aside, not mixed in
+    again = run_train(tiny_overrides(shards, tmp_path, "branch", **ACCUM, **{
+        "train.resume": source / "checkpoints" / "step_00000003", "train.max_steps": 4}), nproc=2)
+    assert again["step"] == 4
+    branch_ckpts = Path(branch["run_dir"]) / "checkpoints"
+    assert (branch_ckpts / "latest").read_text().strip() == "step_00000004"
+    assert [p.name.split("-")[0] for p in (branch_ckpts / "abandoned").iterdir()] == ["step_00000006"]
 
 
 def test_nan_on_one_rank_skips_the_whole_window_on_every_rank(shards, tmp_path):

@@ -262,8 +262,8 @@ class Trainer:
         elif self.lineage:  # this run's lineage starts at the other run's step; that run's rows are in its folder
             self.lineage.rewind([])
         self.logger.rewind(self.step)
-        if self.info.is_main and own:
-            checkpoint.set_aside_newer(ckpt_dir, self.step)
+        if self.info.is_main:  # later checkpoints of this run belong to an abandoned continuation
+            checkpoint.set_aside_newer(self.ckpt_dir, self.step)
         barrier()
         self.saved_state = self.state_key()
         log.info("resumed from %s at epoch %d, step %d", ckpt_dir, self.epoch, self.step)

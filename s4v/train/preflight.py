@@ -68,8 +68,8 @@ def preflight(cfg: ExperimentConfig, world_size: int) -> None:
                             f"ranks give {batches} batches per rank per epoch, fewer than the {plan.grad_accum} "
                             f"micro-batches of an optimizer step ({plan.describe()}); use more data, fewer ranks "
                             f"or smaller batches")
-    if cfg.train.resume not in ("auto", "none") and not Path(cfg.train.resume).is_dir():
-        problems.append(f"train.resume: no checkpoint folder {cfg.train.resume!r} (use auto, none or a folder)")
+    if cfg.train.resume not in ("auto", "none"):
+        problems += resume_problems(cfg.train.resume)
     try:
         experiment_ds_config(cfg, d.batch_size * num_views(d, True), plan.grad_accum if plan else 1, world_size,
                              "cuda" if torch.cuda.is_available() else "cpu")
@@ -95,6 +95,22 @@ def pretrained_problem(cfg: ExperimentConfig) -> str | None:
     except (FileNotFoundError, WeightsFileError, ValueError, KeyError) as err:
         return f"{value!r} is neither a weights file nor a name found in the local Hugging Face cache: {err}"
     return None
+
+
+def resume_problems(resume: str) -> list[str]:
+    """Why an explicit `train.resume` folder cannot be resumed from (before the run folder is made)."""
+    from s4v.train.checkpoint import CheckpointError, complete_tags, resolve_resume
+
+    if not Path(resume).is_dir():
+        return [f"train.resume: no checkpoint folder {resume!r} (use auto, none or a folder)"]
+    try:
+        ckpt_dir, tag = resolve_resume(resume)
+    except CheckpointError as err:
+        return [str(err)]
+    if tag is None and not complete_tags(ckpt_dir):
+        return [f"train.resume={resume}: {ckpt_dir} holds no checkpoint yet (train.resume=auto starts fresh "
+                "when there is none)"]
+    return []
 
 
 def batch_plan(cfg: ExperimentConfig, world_size: int) -> BatchPlan:
