@@ -1,7 +1,5 @@
 """Model zoo: shapes, exact parameter counts, freezing, gradients, CLS shift, checkpointing."""
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -146,15 +144,16 @@ def test_model_code_is_framework_free():
         assert not re.search(r"^\s*(import|from)\s+(deepspeed|nvidia\.dali|torch\.distributed)", text, re.M), path
 
 
-def test_info_command():
-    out = subprocess.run([sys.executable, "-m", "s4v.cli.main", "info", "s4v_b16"], capture_output=True,
-                         text=True, check=True).stdout
+def test_info_command(capsys):
+    from s4v.cli.main import main
+
+    assert main(["info", "s4v_b16"]) == 0
+    out = capsys.readouterr().out
     assert "trainable 21,112,686" in out and "GFLOPs/view   175.7" in out
-    bad = subprocess.run([sys.executable, "-m", "s4v.cli.main", "info", "s4v_b61"], capture_output=True,
-                         text=True)
-    assert bad.returncode == 2 and "did you mean 's4v_b16'" in bad.stderr
-    out = subprocess.run([sys.executable, "-m", "s4v.cli.main", "info", "s4v_retrieval_b32"], capture_output=True,
-                         text=True, check=True).stdout
+    assert main(["info", "s4v_b61"]) == 2
+    assert "did you mean 's4v_b16'" in capsys.readouterr().err
+    assert main(["info", "s4v_retrieval_b32"]) == 0
+    out = capsys.readouterr().out
     assert "12 frames" in out and "video encoder" in out
 
 

@@ -75,14 +75,12 @@ def test_tiny_retrieval_generalises_to_held_out_clips_and_s4v_eval_reads_the_exp
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert any("val_single/t2v_r1" in r for r in rows) and any("val/v2t_medr" in r for r in rows)
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
-    # `s4v eval` of the exported model: the numbers of the end of training; then the training pairs.
+    # `s4v eval` of the exported model: the numbers of the end of training.
     report = _eval(run_dir)
     assert json.loads((run_dir / "eval.json").read_text())["t2v_r1"] == report["t2v_r1"]
     assert report["num_videos"] == 128 and report["num_texts"] == 128
     for key in ("t2v_r1", "t2v_r10", "t2v_medr", "v2t_r1", "v2t_meanr"):
         assert report[key] == pytest.approx(res[f"val_{key}"], abs=1e-6), key
-    train = _eval(run_dir, "data.val_split=train")
-    assert train["num_videos"] == 1024 and train["t2v_r10"] > 5 * 10 / 1024 * 100
     _extract_then_search_finds_held_out_clips(captioned, run_dir, tmp_path)
 
 
