@@ -163,6 +163,14 @@ def test_two_ranks_zero3_bertadam_retrieval_matches_its_export(captioned_small, 
 
     shutil.copy(run_dir / "model_side_head.pt", tmp_path / "moved.pt")
     assert s4v.load(tmp_path / "moved.pt")[1].to_dict() == s4v.load(run_dir)[1].to_dict()
+    # `s4v export` of a checkpoint of the ZeRO-3 retrieval run: the same weights and protocol
+    from s4v.infer.export import main as export_main
+
+    assert export_main([str(run_dir), "--out", str(tmp_path / "exported.pt")]) == 0
+    exported, pre = s4v.load(tmp_path / "exported.pt")
+    assert pre.to_dict() == s4v.load(run_dir)[1].to_dict()
+    final = s4v.load(tmp_path / "moved.pt")[0].state_dict()
+    assert all(torch.equal(v, final[k]) for k, v in exported.state_dict().items())
 
 
 def _two_rank_worker(rank, world, port, out):

@@ -79,6 +79,9 @@ def model_from_checkpoint(run_dir: Path, folder: Path, cfg, pretrained=None, dev
     weights = {**state.get("buffers", {}), **state["params"]}
     num_classes = weights["head.fc.weight"].shape[0] if "head.fc.weight" in weights else None
     model = _build(cfg, num_classes, pretrained, "cpu")
+    # the checkpoint holds every buffer; non-persistent ones (the text tower's causal mask) are rebuilt
+    non_persistent = {name for name, _ in model.named_buffers()} - set(model.state_dict())
+    weights = {k: v for k, v in weights.items() if k not in non_persistent}
     missing, unexpected = model.load_state_dict(weights, strict=False)
     untrained = ("backbone.", "text.") if cfg.task == "retrieval" else ("backbone.",)
     missing = [k for k in missing if not k.startswith(untrained)]
